@@ -1,0 +1,45 @@
+"""nnx_peft: LoRA-family fine-tuning for any Flax NNX model, on top of Qwix."""
+
+from nnx_peft._config import WEIGHT_QTYPES as WEIGHT_QTYPES
+from nnx_peft._config import LoraConfig as LoraConfig
+from nnx_peft._errors import AlreadyWrappedError as AlreadyWrappedError
+from nnx_peft._errors import ConfigError as ConfigError
+from nnx_peft._errors import NoAdapterCreatedError as NoAdapterCreatedError
+from nnx_peft._errors import NotAModuleError as NotAModuleError
+from nnx_peft._errors import NothingTrainableError as NothingTrainableError
+from nnx_peft._errors import PeftError as PeftError
+from nnx_peft._errors import QuantizationError as QuantizationError
+from nnx_peft._errors import RngsError as RngsError
+from nnx_peft._errors import SampleInputsError as SampleInputsError
+from nnx_peft._errors import TargetNotFoundError as TargetNotFoundError
+from nnx_peft._errors import UnsupportedLayerError as UnsupportedLayerError
+from nnx_peft._injection import AdapterInfo as AdapterInfo
+from nnx_peft._peft_model import PeftModel as PeftModel
+from nnx_peft._peft_model import merge as merge
+from nnx_peft._summary import ParameterSummary as ParameterSummary
+from nnx_peft._variables import FROZEN_PARAMS as FROZEN_PARAMS
+from nnx_peft._variables import AdapterParam as AdapterParam
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FROZEN_PARAMS",
+    "WEIGHT_QTYPES",
+    "AdapterInfo",
+    "AdapterParam",
+    "AlreadyWrappedError",
+    "ConfigError",
+    "LoraConfig",
+    "NoAdapterCreatedError",
+    "NotAModuleError",
+    "NothingTrainableError",
+    "ParameterSummary",
+    "PeftError",
+    "PeftModel",
+    "QuantizationError",
+    "RngsError",
+    "SampleInputsError",
+    "TargetNotFoundError",
+    "UnsupportedLayerError",
+    "merge",
+]

@@ -1,0 +1,65 @@
+"""Counting trainable parameters and formatting the per-target table."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+from flax import nnx
+
+from nnx_peft._config import LoraConfig
+from nnx_peft._injection import AdapterInfo, iter_adapters, matching_pattern
+
+
+@dataclasses.dataclass(frozen=True)
+class ParameterSummary:
+    """Parameter counts of an adapted model.
+
+    Attributes:
+        trainable: Number of trainable parameters (array elements).
+        total: Number of ``nnx.Param`` elements, adapters included. A quantized
+            base weight counts its quantized values and its scales.
+        adapters: Each adapted weight with the target pattern that selected it.
+    """
+
+    trainable: int
+    total: int
+    adapters: tuple[tuple[AdapterInfo, str | None], ...]
+
+    @property
+    def fraction(self) -> float:
+        """``trainable / total`` (0.0 for a model without parameters)."""
+        return self.trainable / self.total if self.total else 0.0
+
+    def format(self) -> str:
+        """The summary as a table, one row per adapted weight, then the totals."""
+        header = ("module", "weight", "target", "A shape", "B shape", "params")
+        rows = [header] + [
+            (info.module_path, info.weight, str(pattern), str(info.a_shape), str(info.b_shape),
+             f"{info.size:,}")
+            for info, pattern in self.adapters
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append(
+            f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+            f"trainable%: {100 * self.fraction:.4f}"
+        )
+        return "\n".join(lines)
+
+
+def _count(state: nnx.State) -> int:
+    return sum(leaf.size for leaf in jax.tree.leaves(state))
+
+
+def summarize(model: nnx.Module, config: LoraConfig, trainable_filter: nnx.filterlib.Filter) -> ParameterSummary:
+    """Counts parameters of the adapted ``model`` (the module Qwix wrapped)."""
+    adapters = tuple(
+        (info, matching_pattern(config, info.module_path)) for info in iter_adapters(model)
+    )
+    return ParameterSummary(
+        trainable=_count(nnx.state(model, trainable_filter)),
+        total=_count(nnx.state(model, nnx.Param)),  # adapters are Params too
+        adapters=adapters,
+    )

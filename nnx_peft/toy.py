@@ -1,0 +1,191 @@
+"""Tiny built-in models and texts for examples, tests and benchmarks.
+
+Nothing here is needed to use nnx_peft; it gives runnable examples a real
+model to adapt without downloads: a decoder-only language model shaped like
+Gemma, Llama or Qwen (RMSNorm, attention with multi-axis einsum projections,
+gated MLP), two small built-in texts and a character tokenizer.
+
+Module paths of :class:`TinyDecoder` (for ``LoraConfig.target``)::
+
+    embed
+    layers/<i>/attn_norm, layers/<i>/attn/{q_proj,k_proj,v_proj,o_proj}
+    layers/<i>/mlp_norm,  layers/<i>/mlp/{gate_proj,up_proj,down_proj}
+    final_norm, lm_head
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+#: First built-in text: used to pretrain the toy model.
+TEXT_A = (
+    "The river runs past the old mill, and the mill wheel turns slowly in the "
+    "morning light. The miller opens the door, sweeps the floor, and sets out "
+    "the sacks of grain. Children walk along the bank to school, and the river "
+    "carries leaves down to the sea. In the evening the wheel stops, the door "
+    "closes, and the lamps are lit along the road. The river runs on in the dark. "
+) * 4
+
+#: Second built-in text: a new domain the adapters are trained on.
+TEXT_B = (
+    "To bake bread, mix flour, water, salt and yeast in a large bowl. Knead the "
+    "dough for ten minutes until it is smooth, then cover it and let it rise for "
+    "an hour. Shape the loaf, let it rise again, and bake it in a hot oven until "
+    "the crust is brown and the loaf sounds hollow when tapped. Let it cool "
+    "before you slice it. "
+) * 4
+
+
+class CharTokenizer:
+    """Maps characters to integer ids; the vocabulary is built from given texts."""
+
+    def __init__(self, *texts: str) -> None:
+        self.chars = sorted(set("".join(texts)))
+        self._ids = {c: i for i, c in enumerate(self.chars)}
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of distinct characters."""
+        return len(self.chars)
+
+    def encode(self, text: str) -> np.ndarray:
+        """Text to an int32 array of ids."""
+        return np.array([self._ids[c] for c in text], dtype=np.int32)
+
+    def decode(self, ids: np.ndarray | jax.Array) -> str:
+        """Ids back to text."""
+        return "".join(self.chars[int(i)] for i in np.asarray(ids))
+
+
+def batches(
+    ids: np.ndarray, *, batch_size: int, seq_len: int, seed: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Endless (inputs, next-token targets) batches of random windows of ``ids``."""
+    rng = np.random.default_rng(seed)
+    while True:
+        starts = rng.integers(0, len(ids) - seq_len - 1, size=batch_size)
+        window = np.stack([ids[s : s + seq_len + 1] for s in starts])
+        yield window[:, :-1], window[:, 1:]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecoderConfig:
+    """Sizes of :class:`TinyDecoder`."""
+
+    vocab_size: int
+    num_layers: int = 2
+    embed_dim: int = 64
+    num_heads: int = 4
+    head_dim: int = 16
+    mlp_dim: int = 128
+    max_len: int = 256
+    dtype: jnp.dtype = jnp.float32
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square layer norm with a learned scale."""
+
+    def __init__(self, dim: int, *, dtype: jnp.dtype = jnp.float32) -> None:
+        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+
+    def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+        variance = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
+        return (x * jax.lax.rsqrt(variance + 1e-6)).astype(x.dtype) * self.scale[...]
+
+
+class Attention(nnx.Module):
+    """Causal multi-head attention with einsum projections ('BTD,DNH->BTNH')."""
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs) -> None:
+        d, n, h = cfg.embed_dim, cfg.num_heads, cfg.head_dim
+
+        def proj(spec: str, shape: tuple[int, ...]) -> nnx.Einsum:
+            return nnx.Einsum(spec, shape, dtype=cfg.dtype, param_dtype=cfg.dtype, rngs=rngs)
+
+        self.q_proj = proj("BTD,DNH->BTNH", (d, n, h))
+        self.k_proj = proj("BTD,DNH->BTNH", (d, n, h))
+        self.v_proj = proj("BTD,DNH->BTNH", (d, n, h))
+        self.o_proj = proj("BTNH,NHD->BTD", (n, h, d))
+
+    def __call__(self, x: Float[Array, "b t d"]) -> Float[Array, "b t d"]:
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        logits = jnp.einsum("BTNH,BSNH->BNTS", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+        t = x.shape[1]
+        causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+        logits = jnp.where(causal, logits, jnp.finfo(logits.dtype).min)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        return self.o_proj(jnp.einsum("BNTS,BSNH->BTNH", weights, v))
+
+
+class MLP(nnx.Module):
+    """Gated MLP: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs) -> None:
+        d, f = cfg.embed_dim, cfg.mlp_dim
+        kw = dict(use_bias=False, dtype=cfg.dtype, param_dtype=cfg.dtype, rngs=rngs)
+        self.gate_proj = nnx.Linear(d, f, **kw)
+        self.up_proj = nnx.Linear(d, f, **kw)
+        self.down_proj = nnx.Linear(f, d, **kw)
+
+    def __call__(self, x: Float[Array, "b t d"]) -> Float[Array, "b t d"]:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs) -> None:
+        self.attn_norm = RMSNorm(cfg.embed_dim, dtype=cfg.dtype)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.embed_dim, dtype=cfg.dtype)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x: Float[Array, "b t d"]) -> Float[Array, "b t d"]:
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class TinyDecoder(nnx.Module):
+    """A decoder-only language model: token ids ``(batch, time)`` to logits.
+
+    Example:
+        >>> from flax import nnx
+        >>> import jax.numpy as jnp
+        >>> model = TinyDecoder(DecoderConfig(vocab_size=11), rngs=nnx.Rngs(0))
+        >>> model(jnp.zeros((2, 5), jnp.int32)).shape
+        (2, 5, 11)
+    """
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs) -> None:
+        self.cfg = cfg
+        self.embed = nnx.Embed(
+            cfg.vocab_size, cfg.embed_dim, dtype=cfg.dtype, param_dtype=cfg.dtype, rngs=rngs
+        )
+        self.pos_embed = nnx.Param(
+            0.02 * jax.random.normal(rngs.params(), (cfg.max_len, cfg.embed_dim), cfg.dtype)
+        )
+        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.embed_dim, dtype=cfg.dtype)
+        self.lm_head = nnx.Linear(
+            cfg.embed_dim, cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
+            param_dtype=cfg.dtype, rngs=rngs,
+        )
+
+    def __call__(self, tokens: Int[Array, "b t"]) -> Float[Array, "b t v"]:
+        x = self.embed(tokens) + self.pos_embed[: tokens.shape[1]]
+        for layer in self.layers:
+            x = layer(x)
+        return self.lm_head(self.final_norm(x))
+
+
+def next_token_loss(logits: Float[Array, "b t v"], targets: Int[Array, "b t"]) -> jax.Array:
+    """Mean cross-entropy of next-token prediction."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
