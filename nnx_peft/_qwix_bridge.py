@@ -20,6 +20,7 @@ fails first and says which.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,8 +44,29 @@ DROPOUT_SUFFIX = "_lora_dropout"
 #: The type of a quantized (QLoRA) base weight inside an adapted module.
 QuantizedWeight = _qwix_ptq.WithAux
 
-#: Attribute Qwix sets on every module of a model it has wrapped.
-QWIX_PATH_ATTRIBUTE = "qwix_path"
+LAYOUT_SUFFIX = "_lora_layout"
+
+@dataclasses.dataclass(frozen=True)
+class LoraLayout:
+    """How an adapted weight enters its matmul: what merging needs to fold ``A @ B`` back.
+
+    Stored on the adapted module as ``<weight>_lora_layout`` when the adapter is
+    created. ``kind`` is ``'dot_general'``, ``'einsum'`` or ``'conv'``.
+
+    Attributes:
+        kind: The intercepted operation.
+        scale: Factor of the update, ``alpha / rank`` of the rule that made it.
+        contracting: Weight axes contracted with the input (``dot_general``).
+        batch: Weight axes that are batch axes of the ``dot_general``.
+        einsum_str: The three-operand einsum Qwix uses for the update
+            (``'<input>,<A>,<B>-><output>'``), for ``einsum``.
+    """
+
+    kind: str
+    scale: float = 1.0
+    contracting: tuple[int, ...] = ()
+    batch: tuple[int, ...] = ()
+    einsum_str: str = ""
 
 
 def is_qwix_wrapped(model: nnx.Module) -> bool:
@@ -129,7 +151,8 @@ class PeftLoraProvider(qwix.LoraProvider):
             rhs_ca, rhs_ba, rhs_ra, contract_shape, batch_shape, remain_shape, rule.rank
         )
         lora_a, lora_b = _get_or_create_adapter(
-            weight_name, rule, a_shape, b_shape, a_transpose, b_transpose
+            weight_name, rule, a_shape, b_shape, a_transpose, b_transpose,
+            LoraLayout("dot_general", contracting=tuple(rhs_ca), batch=tuple(rhs_ba)),
         )
         delta = _qwix_lora._compute_lora_delta(
             _dropout(weight_name, rule, lhs),
@@ -143,7 +166,7 @@ class PeftLoraProvider(qwix.LoraProvider):
             rule.rank,
             precision=precision,
         )
-        return res + delta * (rule.alpha / rule.rank)
+        return res + delta * _scale(rule)
 
     def einsum(self, einsum_str: str, *operands: Any, **kwargs: Any) -> jax.Array:
         """``jnp.einsum`` plus the low-rank update of the weight operand."""
@@ -173,15 +196,14 @@ class PeftLoraProvider(qwix.LoraProvider):
         a_shape, b_shape, lora_einsum_str, a_transpose, b_transpose = (
             _qwix_lora._parse_einsum_str_for_lora(lhs.shape, rhs.shape, einsum_str, rule.rank)
         )
-        module = _flax_util.get_current_module()
-        setattr(module, weight_name + "_lora_einsum_str", lora_einsum_str)
         lora_a, lora_b = _get_or_create_adapter(
-            weight_name, rule, a_shape, b_shape, a_transpose, b_transpose
+            weight_name, rule, a_shape, b_shape, a_transpose, b_transpose,
+            LoraLayout("einsum", einsum_str=lora_einsum_str),
         )
         delta = jax.numpy.einsum(
             lora_einsum_str, _dropout(weight_name, rule, lhs), lora_a, lora_b, **kwargs
         )
-        return res + delta * (rule.alpha / rule.rank)
+        return res + delta * _scale(rule)
 
     def conv_general_dilated(
         self,
@@ -243,6 +265,7 @@ class PeftLoraProvider(qwix.LoraProvider):
             (rule.rank, rhs.shape[-1]),
             (*range(rhs.ndim - 1), None),
             (None, rhs.ndim - 1),
+            LoraLayout("conv"),
         )
         projected = jax.lax.conv_general_dilated(
             _dropout(weight_name, rule, lhs),
@@ -252,7 +275,12 @@ class PeftLoraProvider(qwix.LoraProvider):
             dimension_numbers=numbers,
             **conv_kwargs,
         )
-        return res + (projected @ lora_b) * (rule.alpha / rule.rank)
+        return res + (projected @ lora_b) * _scale(rule)
+
+
+def _scale(rule: qwix.LoraRule) -> float:
+    """The factor of the low-rank update."""
+    return rule.alpha / rule.rank
 
 
 def _dropout(weight_name: str, rule: qwix.LoraRule, lhs: jax.Array) -> jax.Array:
@@ -284,14 +312,19 @@ def _get_or_create_adapter(
     b_shape: tuple[int, ...],
     a_transpose: Sequence[int | None],
     b_transpose: Sequence[int | None],
+    layout: LoraLayout,
 ) -> tuple[jax.Array, jax.Array]:
-    """Qwix's ``_get_or_create_lora_params`` for NNX, creating :class:`AdapterParam`."""
+    """Qwix's ``_get_or_create_lora_params`` for NNX, creating :class:`AdapterParam`.
+
+    Also records ``layout`` as ``<name>_lora_layout`` on the module.
+    """
     module = _flax_util.get_current_module()
     lora_a = getattr(module, name + LORA_A_SUFFIX, None)
     lora_b = getattr(module, name + LORA_B_SUFFIX, None)
     if lora_a is not None and lora_b is not None:
         return _flax_util.unbox(lora_a), _flax_util.unbox(lora_b)
 
+    setattr(module, name + LAYOUT_SUFFIX, dataclasses.replace(layout, scale=_scale(rule)))
     param = getattr(module, name)
     if isinstance(param, QuantizedWeight):
         dtype, boxed = _flax_util.unbox(param.array.scale).dtype, param.array.qvalue
