@@ -145,6 +145,10 @@ def inject(
     check_targets_exist(config, model)
     provider = PeftLoraProvider(rules(config))
     adapted = qwix.apply_lora_to_model(model, provider, *sample_args, rngs=rngs, **sample_kwargs)
+    # The sample call ran in whatever mode the model was in: it may have advanced
+    # dropout RNG counters or updated batch statistics. Put every non-parameter
+    # variable back as the base model has it, so the wrapper starts where it did.
+    nnx.update(adapted, nnx.state(model, nnx.Not(nnx.Param)))
     adapted_paths = {info.module_path for info in iter_adapters(adapted)}
     modules = module_paths(adapted)
     for pattern in config.target:
