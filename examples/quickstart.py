@@ -23,10 +23,25 @@ from flax import nnx
 from tqdm import tqdm
 
 import nnx_peft
-from nnx_peft.toy import TEXT_A, TEXT_B, CharTokenizer, DecoderConfig, TinyDecoder, batches, next_token_loss
+from nnx_peft.toy import (
+    TEXT_A,
+    TEXT_B,
+    CharTokenizer,
+    DecoderConfig,
+    TinyDecoder,
+    batches,
+    next_token_loss,
+)
 
 
-def train(model: nnx.Module, optimizer: nnx.Optimizer, wrt: nnx.filterlib.Filter, data, steps: int, desc: str) -> float:
+def train(
+    model: nnx.Module,
+    optimizer: nnx.Optimizer,
+    wrt: nnx.filterlib.Filter,
+    data,
+    steps: int,
+    desc: str,
+) -> float:
     """Runs `steps` jitted training steps, differentiating w.r.t. `wrt` only."""
 
     @nnx.jit
@@ -84,8 +99,14 @@ def main() -> int:
 
     print("1) Pretraining the base model on text A (all weights)")
     optimizer = nnx.Optimizer(base, optax.adamw(3e-3), wrt=nnx.Param)
-    train(base, optimizer, nnx.Param, batches(ids_a, batch_size=16, seq_len=seq_len, seed=0),
-          pretrain_steps, "pretrain")
+    train(
+        base,
+        optimizer,
+        nnx.Param,
+        batches(ids_a, batch_size=16, seq_len=seq_len, seed=0),
+        pretrain_steps,
+        "pretrain",
+    )
 
     print("\n2) Wrapping with LoRA (rank 8) on attention and MLP projections")
     config = nnx_peft.LoraConfig(
@@ -93,23 +114,34 @@ def main() -> int:
     )
     model = nnx_peft.PeftModel(base, config, jnp.zeros((1, seq_len), jnp.int32), rngs=nnx.Rngs(1))
     summary = model.trainable_parameters()
-    print(f"trainable params: {summary.trainable:,} of {summary.total:,} "
-          f"({100 * summary.fraction:.2f}%) in {len(summary.adapters)} adapted weights")
+    print(
+        f"trainable params: {summary.trainable:,} of {summary.total:,} "
+        f"({100 * summary.fraction:.2f}%) in {len(summary.adapters)} adapted weights"
+    )
 
     before = evaluate(model, ids_b, seq_len=seq_len)
     print(f"\n3) Training the adapters on text B (loss on B before: {before:.3f})")
     optimizer = model.make_optimizer(optax.adamw(1e-2))
-    train(model, optimizer, model.trainable_filter,
-          batches(ids_b, batch_size=16, seq_len=seq_len, seed=1), lora_steps, "lora")
+    train(
+        model,
+        optimizer,
+        model.trainable_filter,
+        batches(ids_b, batch_size=16, seq_len=seq_len, seed=1),
+        lora_steps,
+        "lora",
+    )
     after = evaluate(model, ids_b, seq_len=seq_len)
 
     print(f"\nloss on text B: before {before:.3f} -> after {after:.3f}")
     sample = generate(model, tokenizer.encode("To bake bread, "), 30, seq_len)
     print(f"sample: {tokenizer.decode(sample)!r}")
-    base_unchanged = jax.tree.all(jax.tree.map(
-        lambda a, b: bool((a == b).all()),
-        nnx.state(model.model, nnx_peft.FROZEN_PARAMS), nnx.state(base, nnx.Param),
-    ))
+    base_unchanged = jax.tree.all(
+        jax.tree.map(
+            lambda a, b: bool((a == b).all()),
+            nnx.state(model.model, nnx_peft.FROZEN_PARAMS),
+            nnx.state(base, nnx.Param),
+        )
+    )
     if not after < before or not base_unchanged:
         print("FAILED: the loss did not drop, or base weights changed", file=sys.stderr)
         return 1

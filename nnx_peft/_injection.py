@@ -85,8 +85,11 @@ def check_targets_exist(config: LoraConfig, model: nnx.Module) -> None:
             excluded = [p for p in modules if re.fullmatch(pattern, p)]
             raise TargetNotFoundError(
                 f"LoraConfig.target pattern {pattern!r} matches no module path"
-                + (f" (it matches {excluded} but exclude={list(config.exclude)} removes them)"
-                   if excluded else "")
+                + (
+                    f" (it matches {excluded} but exclude={list(config.exclude)} removes them)"
+                    if excluded
+                    else ""
+                )
                 + ". Patterns are matched in full (re.fullmatch) against '/'-joined paths.\n"
                 f"Module paths that hold weights: {_weight_holders(modules)}\n"
                 f"All module paths: {list(modules)}\n"

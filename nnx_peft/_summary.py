@@ -35,12 +35,21 @@ class ParameterSummary:
         """The summary as a table, one row per adapted weight, then the totals."""
         header = ("module", "weight", "target", "A shape", "B shape", "params")
         rows = [header] + [
-            (info.module_path, info.weight, str(pattern), str(info.a_shape), str(info.b_shape),
-             f"{info.size:,}")
+            (
+                info.module_path,
+                info.weight,
+                str(pattern),
+                str(info.a_shape),
+                str(info.b_shape),
+                f"{info.size:,}",
+            )
             for info, pattern in self.adapters
         ]
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines = [
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+            for row in rows
+        ]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.append(
             f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
@@ -53,7 +62,9 @@ def _count(state: nnx.State) -> int:
     return sum(leaf.size for leaf in jax.tree.leaves(state))
 
 
-def summarize(model: nnx.Module, config: LoraConfig, trainable_filter: nnx.filterlib.Filter) -> ParameterSummary:
+def summarize(
+    model: nnx.Module, config: LoraConfig, trainable_filter: nnx.filterlib.Filter
+) -> ParameterSummary:
     """Counts parameters of the adapted ``model`` (the module Qwix wrapped)."""
     adapters = tuple(
         (info, matching_pattern(config, info.module_path)) for info in iter_adapters(model)

@@ -129,10 +129,14 @@ class MLP(nnx.Module):
 
     def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs) -> None:
         d, f = cfg.embed_dim, cfg.mlp_dim
-        kw = dict(use_bias=False, dtype=cfg.dtype, param_dtype=cfg.dtype, rngs=rngs)
-        self.gate_proj = nnx.Linear(d, f, **kw)
-        self.up_proj = nnx.Linear(d, f, **kw)
-        self.down_proj = nnx.Linear(f, d, **kw)
+        def linear(n_in: int, n_out: int) -> nnx.Linear:
+            return nnx.Linear(
+                n_in, n_out, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.dtype, rngs=rngs
+            )
+
+        self.gate_proj = linear(d, f)
+        self.up_proj = linear(d, f)
+        self.down_proj = linear(f, d)
 
     def __call__(self, x: Float[Array, "b t d"]) -> Float[Array, "b t d"]:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -174,8 +178,12 @@ class TinyDecoder(nnx.Module):
         self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.embed_dim, dtype=cfg.dtype)
         self.lm_head = nnx.Linear(
-            cfg.embed_dim, cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
-            param_dtype=cfg.dtype, rngs=rngs,
+            cfg.embed_dim,
+            cfg.vocab_size,
+            use_bias=False,
+            dtype=cfg.dtype,
+            param_dtype=cfg.dtype,
+            rngs=rngs,
         )
 
     def __call__(self, tokens: Int[Array, "b t"]) -> Float[Array, "b t v"]:

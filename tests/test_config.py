@@ -72,7 +72,11 @@ def test_dict_round_trip(
     rank: int, alpha: float, dropout: float, target: list[str], qtype: str | None
 ) -> None:
     config = LoraConfig(
-        rank=rank, alpha=alpha, dropout=dropout, target=target, weight_qtype=qtype,
+        rank=rank,
+        alpha=alpha,
+        dropout=dropout,
+        target=target,
+        weight_qtype=qtype,
         tile_size=32 if qtype else None,
     )
     assert LoraConfig.from_dict(config.to_dict()) == config

@@ -16,7 +16,9 @@ TOKENS = jnp.zeros((1, 4), jnp.int32)
 
 
 def _decoder(head_dim: int = 16) -> TinyDecoder:
-    return TinyDecoder(DecoderConfig(vocab_size=11, num_layers=1, head_dim=head_dim), rngs=nnx.Rngs(0))
+    return TinyDecoder(
+        DecoderConfig(vocab_size=11, num_layers=1, head_dim=head_dim), rngs=nnx.Rngs(0)
+    )
 
 
 def _config(**kwargs: object) -> nnx_peft.LoraConfig:
@@ -45,7 +47,9 @@ def test_already_wrapped() -> None:
         with pytest.raises(nnx_peft.AlreadyWrappedError, match="already has LoRA adapters"):
             nnx_peft.PeftModel(wrapped, _config(), TOKENS, rngs=nnx.Rngs(0))
     by_qwix = qwix.apply_lora_to_model(
-        _decoder(), qwix.LoraProvider(module_path=".*q_proj", rank=2, alpha=2.0), TOKENS,
+        _decoder(),
+        qwix.LoraProvider(module_path=".*q_proj", rank=2, alpha=2.0),
+        TOKENS,
         rngs=nnx.Rngs(0),
     )
     with pytest.raises(nnx_peft.AlreadyWrappedError, match="Wrap the original base model"):
@@ -53,13 +57,17 @@ def test_already_wrapped() -> None:
 
 
 def test_config_must_be_a_lora_config() -> None:
-    with pytest.raises(nnx_peft.ConfigError, match="config must be an nnx_peft.LoraConfig; got dict"):
+    with pytest.raises(
+        nnx_peft.ConfigError, match=r"config must be an nnx_peft\.LoraConfig; got dict"
+    ):
         nnx_peft.PeftModel(_decoder(), {"rank": 2}, TOKENS, rngs=nnx.Rngs(0))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("rngs", [None, 0, jax.random.key(0)])
 def test_rngs_must_be_nnx_rngs(rngs: object) -> None:
-    with pytest.raises(nnx_peft.RngsError, match=r"rngs must be an nnx.Rngs; got .*nnx.Rngs\(seed\)"):
+    with pytest.raises(
+        nnx_peft.RngsError, match=r"rngs must be an nnx.Rngs; got .*nnx.Rngs\(seed\)"
+    ):
         nnx_peft.PeftModel(_decoder(), _config(), TOKENS, rngs=rngs)  # type: ignore[arg-type]
 
 
@@ -111,8 +119,9 @@ def test_method_without_matmul_in_call() -> None:
             return x * 2.0  # never calls self.proj
 
     with pytest.raises(nnx_peft.NoAdapterCreatedError, match=r"'proj' matches modules \['proj'\]"):
-        nnx_peft.PeftModel(Holder(nnx.Rngs(0)), _config(target="proj"), jnp.ones((1, 4)),
-                           rngs=nnx.Rngs(0))
+        nnx_peft.PeftModel(
+            Holder(nnx.Rngs(0)), _config(target="proj"), jnp.ones((1, 4)), rngs=nnx.Rngs(0)
+        )
 
 
 def test_three_operand_einsum_is_unsupported() -> None:
@@ -124,9 +133,10 @@ def test_three_operand_einsum_is_unsupported() -> None:
         def __call__(self, x: jax.Array) -> jax.Array:
             return jnp.einsum("bi,ij,jk->bk", x, self.w[...], self.v[...])
 
-    with pytest.raises(nnx_peft.UnsupportedLayerError, match="3 operands.*LoraConfig.exclude"):
-        nnx_peft.PeftModel(Triple(nnx.Rngs(0)), _config(target=".*"), jnp.ones((1, 4)),
-                           rngs=nnx.Rngs(0))
+    with pytest.raises(nnx_peft.UnsupportedLayerError, match=r"3 operands.*LoraConfig\.exclude"):
+        nnx_peft.PeftModel(
+            Triple(nnx.Rngs(0)), _config(target=".*"), jnp.ones((1, 4)), rngs=nnx.Rngs(0)
+        )
 
 
 def test_tile_size_that_does_not_divide_the_contracting_axis() -> None:
@@ -143,7 +153,7 @@ def test_tile_size_that_does_not_divide_the_contracting_axis() -> None:
 def test_quantized_convolutions_are_refused() -> None:
     conv = nnx.Conv(3, 4, (3,), rngs=nnx.Rngs(0))
     config = _config(target=".*", weight_qtype="int8")
-    with pytest.raises(nnx_peft.QuantizationError, match="is a convolution.*weight_qtype=None"):
+    with pytest.raises(nnx_peft.QuantizationError, match=r"is a convolution.*weight_qtype=None"):
         nnx_peft.PeftModel(conv, config, jnp.ones((1, 5, 3)), rngs=nnx.Rngs(0))
 
 

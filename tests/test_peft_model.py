@@ -30,7 +30,7 @@ def _weight_names(module: nnx.Module) -> list[str]:
 @given(strategies.cases())
 def test_trainable_is_exactly_the_adapters_of_matched_weights(case: Case) -> None:
     base, model = _wrap(case)
-    graphdef, trainable, rest = model.split_trainable()
+    _, trainable, rest = model.split_trainable()
     trainable_paths, rest_paths = set(_flat(trainable)), set(_flat(rest))
     all_paths = set(_flat(nnx.state(model)))
 
@@ -101,7 +101,9 @@ def test_base_model_is_left_untouched() -> None:
     before = jax.tree.map(np.asarray, nnx.state(base))
     attributes = set(vars(base))
     model = nnx_peft.PeftModel(
-        base, nnx_peft.LoraConfig(rank=2, alpha=2.0, target=".*"), jnp.ones((1, 4)),
+        base,
+        nnx_peft.LoraConfig(rank=2, alpha=2.0, target=".*"),
+        jnp.ones((1, 4)),
         rngs=nnx.Rngs(1),
     )
     assert type(base) is nnx.Linear
@@ -121,11 +123,16 @@ def test_pre_existing_lora_params_of_the_base_stay_frozen() -> None:
             return self.proj(self.lora(x))
 
     model = nnx_peft.PeftModel(
-        WithLoRA(nnx.Rngs(0)), nnx_peft.LoraConfig(rank=2, alpha=2.0, target="proj"),
-        jnp.ones((1, 4)), rngs=nnx.Rngs(1),
+        WithLoRA(nnx.Rngs(0)),
+        nnx_peft.LoraConfig(rank=2, alpha=2.0, target="proj"),
+        jnp.ones((1, 4)),
+        rngs=nnx.Rngs(1),
     )
     trainable = _flat(nnx.state(model, model.trainable_filter))
-    assert set(trainable) == {("model", "proj", "kernel_lora_a"), ("model", "proj", "kernel_lora_b")}
+    assert set(trainable) == {
+        ("model", "proj", "kernel_lora_a"),
+        ("model", "proj", "kernel_lora_b"),
+    }
     assert nnx.state(model, nnx.LoRAParam)  # the base's own LoRAParams are still there
 
 
@@ -142,8 +149,10 @@ def test_adapter_shapes_follow_qwix_layouts() -> None:
             return y + self.ein(x.reshape(x.shape[0], -1, 8)).sum() + self.conv(x).sum()
 
     model = nnx_peft.PeftModel(
-        Net(nnx.Rngs(0)), nnx_peft.LoraConfig(rank=3, alpha=3.0, target=".*"),
-        jnp.ones((1, 4, 4, 8)), rngs=nnx.Rngs(1),
+        Net(nnx.Rngs(0)),
+        nnx_peft.LoraConfig(rank=3, alpha=3.0, target=".*"),
+        jnp.ones((1, 4, 4, 8)),
+        rngs=nnx.Rngs(1),
     )
     shapes = {info.module_path: (info.a_shape, info.b_shape) for info in model.adapters()}
     assert shapes == {

@@ -11,7 +11,6 @@ import inspect
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import qwix
@@ -21,25 +20,63 @@ import nnx_peft
 
 # (module, attribute, parameter names the bridge passes, in order)
 USED_INTERNALS = [
-    ("qwix._src.providers.lora", "_create_lora_layer_shapes",
-     ["rhs_ca", "rhs_ba", "rhs_ra", "contract_shape", "batch_shape", "remain_shape", "rank"]),
-    ("qwix._src.providers.lora", "_compute_lora_delta",
-     ["lhs", "lora_a", "lora_b", "lhs_ca", "lhs_ba", "contract_shape", "batch_shape",
-      "remain_shape", "rank", "precision"]),
-    ("qwix._src.providers.lora", "_parse_einsum_str_for_lora",
-     ["lhs_shape", "rhs_shape", "einsum_str", "lora_rank"]),
+    (
+        "qwix._src.providers.lora",
+        "_create_lora_layer_shapes",
+        ["rhs_ca", "rhs_ba", "rhs_ra", "contract_shape", "batch_shape", "remain_shape", "rank"],
+    ),
+    (
+        "qwix._src.providers.lora",
+        "_compute_lora_delta",
+        [
+            "lhs",
+            "lora_a",
+            "lora_b",
+            "lhs_ca",
+            "lhs_ba",
+            "contract_shape",
+            "batch_shape",
+            "remain_shape",
+            "rank",
+            "precision",
+        ],
+    ),
+    (
+        "qwix._src.providers.lora",
+        "_parse_einsum_str_for_lora",
+        ["lhs_shape", "rhs_shape", "einsum_str", "lora_rank"],
+    ),
     ("qwix._src.providers.ptq", "PtqProvider", None),
     ("qwix._src.providers.ptq", "WithAux", None),
-    ("qwix._src.core.dot_general", "get_how_to_quantize",
-     ["dimension_numbers", "ndims", "for_lhs", "tile_size"]),
-    ("qwix._src.core.einsum", "get_how_to_quantize", ["einsum_str", "ndims", "for_lhs", "tile_size"]),
+    (
+        "qwix._src.core.dot_general",
+        "get_how_to_quantize",
+        ["dimension_numbers", "ndims", "for_lhs", "tile_size"],
+    ),
+    (
+        "qwix._src.core.einsum",
+        "get_how_to_quantize",
+        ["einsum_str", "ndims", "for_lhs", "tile_size"],
+    ),
     ("qwix._src.utils.flax_util", "find_param", ["x", "ptq_array_type"]),
     ("qwix._src.utils.flax_util", "get_current_module", []),
     ("qwix._src.utils.flax_util", "get_current_module_path", []),
-    ("qwix._src.utils.flax_util", "get_or_create_param", ["name", "init_fn", "nnx_param_type", "need_rng"]),
+    (
+        "qwix._src.utils.flax_util",
+        "get_or_create_param",
+        ["name", "init_fn", "nnx_param_type", "need_rng"],
+    ),
     ("qwix._src.utils.flax_util", "unbox", ["maybe_boxed"]),
-    ("qwix._src.utils.flax_util", "update_sharding", ["spec", "shape", "split", "merge", "transpose"]),
-    ("qwix._src.utils.flax_util", "update_boxed", ["boxed", "value", "split", "merge", "transpose"]),
+    (
+        "qwix._src.utils.flax_util",
+        "update_sharding",
+        ["spec", "shape", "split", "merge", "transpose"],
+    ),
+    (
+        "qwix._src.utils.flax_util",
+        "update_boxed",
+        ["boxed", "value", "split", "merge", "transpose"],
+    ),
 ]
 
 
@@ -90,18 +127,22 @@ def test_same_adapters_and_outputs_as_qwix_own_provider(qtype: str | None) -> No
     ours = nnx_peft.PeftModel(
         _Net(nnx.Rngs(0)),
         nnx_peft.LoraConfig(rank=2, alpha=3.0, target=target, weight_qtype=qtype),
-        x, rngs=nnx.Rngs(5),
+        x,
+        rngs=nnx.Rngs(5),
     ).model
     theirs = qwix.apply_lora_to_model(
         _Net(nnx.Rngs(0)),
         qwix.LoraProvider(module_path=target, rank=2, alpha=3.0, weight_qtype=qtype),
-        x, rngs=nnx.Rngs(5),
+        x,
+        rngs=nnx.Rngs(5),
     )
     ours_state = dict(nnx.to_flat_state(nnx.state(ours, nnx.Param)))
     theirs_state = dict(nnx.to_flat_state(nnx.state(theirs, nnx.Param)))
     assert set(ours_state) == set(theirs_state)
     for path, var in theirs_state.items():
-        np.testing.assert_array_equal(np.asarray(ours_state[path].get_value()), np.asarray(var.get_value()))
+        np.testing.assert_array_equal(
+            np.asarray(ours_state[path].get_value()), np.asarray(var.get_value())
+        )
         if path[-1].endswith("_lora_b"):  # make the update non-zero, identically in both
             value = jax.random.normal(jax.random.key(len(path)), var.get_value().shape)
             var.set_value(value)

@@ -1,4 +1,4 @@
-"""The facts of shared/QWIX-NNX-FACTS.md that nnx_peft relies on, checked on the installed versions."""
+"""Facts from shared/QWIX-NNX-FACTS.md that nnx_peft relies on, on the installed versions."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import nnx_peft
 
 def _linear_model() -> nnx_peft.PeftModel:
     return nnx_peft.PeftModel(
-        nnx.Linear(4, 4, rngs=nnx.Rngs(0)), nnx_peft.LoraConfig(rank=2, alpha=2.0, target=".*"),
-        jnp.ones((1, 4)), rngs=nnx.Rngs(0),
+        nnx.Linear(4, 4, rngs=nnx.Rngs(0)),
+        nnx_peft.LoraConfig(rank=2, alpha=2.0, target=".*"),
+        jnp.ones((1, 4)),
+        rngs=nnx.Rngs(0),
     )
 
 
@@ -51,8 +53,10 @@ def test_only_call_is_intercepted() -> None:
             return self.proj(x)
 
     model = nnx_peft.PeftModel(
-        TwoMethods(nnx.Rngs(0)), nnx_peft.LoraConfig(rank=2, alpha=2.0, target="proj"),
-        jnp.ones((1, 4)), rngs=nnx.Rngs(0),
+        TwoMethods(nnx.Rngs(0)),
+        nnx_peft.LoraConfig(rank=2, alpha=2.0, target="proj"),
+        jnp.ones((1, 4)),
+        rngs=nnx.Rngs(0),
     )
     model.model.proj.kernel_lora_b.set_value(jnp.ones((2, 4)))
     x = jnp.ones((1, 4))
@@ -65,7 +69,9 @@ def test_qwix_alone_applies_dropout_in_eval_mode_but_nnx_peft_does_not() -> None
     x = jnp.ones((2, 16))
     qwix_model = qwix.apply_lora_to_model(
         nnx.Linear(16, 16, rngs=nnx.Rngs(0)),
-        qwix.LoraProvider(module_path=".*", rank=2, alpha=2.0, dropout=0.5), x, rngs=nnx.Rngs(0),
+        qwix.LoraProvider(module_path=".*", rank=2, alpha=2.0, dropout=0.5),
+        x,
+        rngs=nnx.Rngs(0),
     )
     qwix_model.kernel_lora_b.set_value(jnp.ones((2, 16)))
     qwix_model.set_attributes(qwix_rngs=nnx.Rngs(dropout=1))
@@ -74,7 +80,9 @@ def test_qwix_alone_applies_dropout_in_eval_mode_but_nnx_peft_does_not() -> None
 
     ours = nnx_peft.PeftModel(
         nnx.Linear(16, 16, rngs=nnx.Rngs(0)),
-        nnx_peft.LoraConfig(rank=2, alpha=2.0, target=".*", dropout=0.5), x, rngs=nnx.Rngs(0),
+        nnx_peft.LoraConfig(rank=2, alpha=2.0, target=".*", dropout=0.5),
+        x,
+        rngs=nnx.Rngs(0),
     )
     ours.model.kernel_lora_b.set_value(jnp.ones((2, 16)))
     ours.eval()

@@ -78,14 +78,19 @@ def test_training_changes_only_trainable_leaves_and_lowers_the_loss() -> None:
     frozen_after = jax.tree.map(np.asarray, nnx.state(model, nnx.Not(model.trainable_filter)))
     jax.tree.map(np.testing.assert_array_equal, frozen_after, frozen_before)
     changed = jax.tree.leaves(
-        jax.tree.map(lambda a, b: not np.array_equal(a, b), nnx.state(model, model.trainable_filter),
-                     trainable_before)
+        jax.tree.map(
+            lambda a, b: not np.array_equal(a, b),
+            nnx.state(model, model.trainable_filter),
+            trainable_before,
+        )
     )
     assert all(changed), "every adapter leaf should have been updated"
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-@pytest.mark.parametrize("tx", [optax.adamw(1e-2), optax.sgd(0.5, momentum=0.9)], ids=["adamw", "sgd"])
+@pytest.mark.parametrize(
+    "tx", [optax.adamw(1e-2), optax.sgd(0.5, momentum=0.9)], ids=["adamw", "sgd"]
+)
 def test_nnx_jit_loop_and_pure_jax_loop_agree(tx: optax.GradientTransformation) -> None:
     nnx_losses = _train_nnx(model_a := _model(), tx)
     pure_losses, model_b = _train_pure(_model(), tx)
@@ -111,7 +116,9 @@ def test_optimizer_state_covers_only_the_adapters() -> None:
 
 def test_dropout_follows_train_and_eval() -> None:
     model = _model(dropout=0.5)
-    for var in jax.tree.leaves(nnx.state(model, model.trainable_filter), is_leaf=lambda v: isinstance(v, nnx.Variable)):
+    for var in jax.tree.leaves(
+        nnx.state(model, model.trainable_filter), is_leaf=lambda v: isinstance(v, nnx.Variable)
+    ):
         var.set_value(jnp.ones_like(var.get_value()) * 0.1)
     x = jnp.asarray(_data()[0][0])
     model.eval()
