@@ -2,7 +2,7 @@
 
 Why this exists: Qwix's public ``LoraProvider`` intercepts the model's matmuls,
 quantizes QLoRA base weights and derives adapter shapes and shardings, and
-nnx_peft keeps all of that. It replaces three decisions Qwix makes inside the
+nnx_peft keeps all of that. It replaces these decisions Qwix makes inside the
 provider, which needs Qwix's private helpers:
 
 - adapters are created as :class:`~nnx_peft.AdapterParam`, not plain
@@ -12,28 +12,46 @@ provider, which needs Qwix's private helpers:
   costs nothing at rate 0;
 - a QLoRA tile size that does not divide a weight's contracting axis, or a
   quantized convolution, is refused with a message naming the module, instead
-  of failing deep inside Qwix's quantization.
+  of failing deep inside Qwix's quantization;
+- the weight operand of a matmul is looked up among the base weights only
+  (Qwix's lookup by shape also counts the adapters, and silently skips the
+  update when an adapter factor has the weight's shape);
+- each adapted weight has an :class:`AdapterState`, a static attribute the
+  provider reads on every call: it adds the update only while ``ACTIVE``, so
+  adapters can be disabled, or merged into the base weight, without a second
+  copy of the model and without breaking ``nnx.jit`` (a state change changes
+  the graph definition, so jitted functions retrace).
+
+It also records, per adapted weight, the :class:`LoraLayout` merging needs,
+and holds the helpers that read, dequantize and requantize a QLoRA base
+weight and that undo what ``qwix.apply_lora_to_model`` did to the module tree.
 
 If a Qwix release moves any name used here, ``tests/test_qwix_bridge.py``
-fails first and says which.
+(and, for the names merging reads, ``tests/test_merging.py``) fails first and
+says which.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 import qwix
 from flax import nnx
+from jax.custom_derivatives import SymbolicZero
 from qwix._src.core import dot_general as _qwix_dot_general
 from qwix._src.core import einsum as _qwix_einsum
+from qwix._src.core import einsum_info as _qwix_einsum_info
 from qwix._src.providers import lora as _qwix_lora
 from qwix._src.providers import ptq as _qwix_ptq
 from qwix._src.utils import flax_util as _flax_util
 
-from nnx_peft._errors import QuantizationError, UnsupportedLayerError
+from nnx_peft._errors import AdapterStateError, QuantizationError, UnsupportedLayerError
 from nnx_peft._variables import AdapterParam
 
 #: Suffixes of the attributes Qwix and nnx_peft add next to an adapted weight.
@@ -45,6 +63,13 @@ DROPOUT_SUFFIX = "_lora_dropout"
 QuantizedWeight = _qwix_ptq.WithAux
 
 LAYOUT_SUFFIX = "_lora_layout"
+STATE_SUFFIX = "_lora_state"
+
+#: Qwix's own record of the update einsum (its provider sets it; ours does not).
+_QWIX_EINSUM_STR_SUFFIX = "_lora_einsum_str"
+#: Attributes ``qwix.apply_lora_to_model`` sets on every module of the model.
+_QWIX_MODULE_ATTRIBUTES = ("qwix_path", "disable_quant_stats_update", "qwix_rngs")
+
 
 @dataclasses.dataclass(frozen=True)
 class LoraLayout:
@@ -60,6 +85,14 @@ class LoraLayout:
         batch: Weight axes that are batch axes of the ``dot_general``.
         einsum_str: The three-operand einsum Qwix uses for the update
             (``'<input>,<A>,<B>-><output>'``), for ``einsum``.
+        weight_str: Subscripts of the weight operand in its own axis order, for
+            ``einsum`` (the update's einsum string does not keep that order).
+        feature_group_count: ``feature_group_count`` of the convolution.
+        batch_group_count: ``batch_group_count`` of the convolution.
+        operand_is_weight: Whether the matmul's operand was the stored weight
+            itself (possibly cast). ``False`` when the module transformed it
+            first (transposed, flipped, masked): the update then applies to
+            that transform, and cannot be folded into the stored weight.
     """
 
     kind: str
@@ -67,6 +100,48 @@ class LoraLayout:
     contracting: tuple[int, ...] = ()
     batch: tuple[int, ...] = ()
     einsum_str: str = ""
+    weight_str: str = ""
+    feature_group_count: int = 1
+    batch_group_count: int = 1
+    operand_is_weight: bool = True
+
+
+class AdapterState(enum.Enum):
+    """What the provider does with one adapter on each forward pass.
+
+    Kept per adapted weight as the static attribute ``<weight>_lora_state``
+    (absent means ``ACTIVE``). Being static, it is part of the NNX graph
+    definition: ``nnx.jit`` retraces when it changes instead of reusing a
+    trace made in another state.
+    """
+
+    #: Add the low-rank update to the output.
+    ACTIVE = "active"
+    #: Skip the update: the module computes what the base model computes.
+    DISABLED = "disabled"
+    #: Skip the update, which is already folded into the base weight.
+    #: Differentiating with respect to the adapters raises AdapterStateError.
+    MERGED = "merged"
+
+
+def adapter_state(module: nnx.Module, weight: str) -> AdapterState:
+    """The state of the adapter of ``module.<weight>``."""
+    state: AdapterState = getattr(module, weight + STATE_SUFFIX, AdapterState.ACTIVE)
+    return state
+
+
+def set_adapter_state(module: nnx.Module, weight: str, state: AdapterState) -> None:
+    """Sets the state of the adapter of ``module.<weight>``.
+
+    ``ACTIVE`` removes the attribute, so a model returns to the very graph
+    definition it had before (and ``nnx.jit`` finds its earlier trace).
+    """
+    name = weight + STATE_SUFFIX
+    if state is AdapterState.ACTIVE:
+        if name in vars(module):
+            delattr(module, name)
+    else:
+        setattr(module, name, state)
 
 
 def is_qwix_wrapped(model: nnx.Module) -> bool:
@@ -139,7 +214,7 @@ class PeftLoraProvider(qwix.LoraProvider):
             out_sharding=out_sharding,
         )
         rule = self._current_rule("dot_general")
-        weight_name = _flax_util.find_param(rhs, QuantizedWeight) if rule else None
+        weight_name = _find_weight(rhs) if rule else None
         if rule is None or weight_name is None:
             return res
         (lhs_ca, rhs_ca), (lhs_ba, rhs_ba) = dimension_numbers
@@ -151,22 +226,32 @@ class PeftLoraProvider(qwix.LoraProvider):
             rhs_ca, rhs_ba, rhs_ra, contract_shape, batch_shape, remain_shape, rule.rank
         )
         lora_a, lora_b = _get_or_create_adapter(
-            weight_name, rule, a_shape, b_shape, a_transpose, b_transpose,
+            weight_name,
+            rule,
+            a_shape,
+            b_shape,
+            a_transpose,
+            b_transpose,
             LoraLayout("dot_general", contracting=tuple(rhs_ca), batch=tuple(rhs_ba)),
+            rhs,
         )
-        delta = _qwix_lora._compute_lora_delta(
-            _dropout(weight_name, rule, lhs),
-            lora_a,
-            lora_b,
-            lhs_ca,
-            lhs_ba,
-            contract_shape,
-            batch_shape,
-            remain_shape,
-            rule.rank,
-            precision=precision,
-        )
-        return res + delta * _scale(rule)
+
+        def update() -> jax.Array:
+            delta = _qwix_lora._compute_lora_delta(
+                _dropout(weight_name, rule, lhs),
+                lora_a,
+                lora_b,
+                lhs_ca,
+                lhs_ba,
+                contract_shape,
+                batch_shape,
+                remain_shape,
+                rule.rank,
+                precision=precision,
+            )
+            return delta * _scale(rule)
+
+        return _add_update(res, weight_name, lora_a, lora_b, update)
 
     def einsum(self, einsum_str: str, *operands: Any, **kwargs: Any) -> jax.Array:
         """``jnp.einsum`` plus the low-rank update of the weight operand."""
@@ -190,20 +275,31 @@ class PeftLoraProvider(qwix.LoraProvider):
                 "Exclude this module with LoraConfig.exclude."
             )
         lhs, rhs = operands
-        weight_name = _flax_util.find_param(rhs, QuantizedWeight)
+        weight_name = _find_weight(rhs)
         if weight_name is None:
             return res
         a_shape, b_shape, lora_einsum_str, a_transpose, b_transpose = (
             _qwix_lora._parse_einsum_str_for_lora(lhs.shape, rhs.shape, einsum_str, rule.rank)
         )
+        weight_str = _qwix_einsum_info.EinsumInfo.parse(einsum_str, ndims=(lhs.ndim, rhs.ndim)).rhs
         lora_a, lora_b = _get_or_create_adapter(
-            weight_name, rule, a_shape, b_shape, a_transpose, b_transpose,
-            LoraLayout("einsum", einsum_str=lora_einsum_str),
+            weight_name,
+            rule,
+            a_shape,
+            b_shape,
+            a_transpose,
+            b_transpose,
+            LoraLayout("einsum", einsum_str=lora_einsum_str, weight_str=weight_str),
+            rhs,
         )
-        delta = jax.numpy.einsum(
-            lora_einsum_str, _dropout(weight_name, rule, lhs), lora_a, lora_b, **kwargs
-        )
-        return res + delta * _scale(rule)
+
+        def update() -> jax.Array:
+            delta = jax.numpy.einsum(
+                lora_einsum_str, _dropout(weight_name, rule, lhs), lora_a, lora_b, **kwargs
+            )
+            return delta * _scale(rule)
+
+        return _add_update(res, weight_name, lora_a, lora_b, update)
 
     def conv_general_dilated(
         self,
@@ -229,7 +325,7 @@ class PeftLoraProvider(qwix.LoraProvider):
                 "their activations, which QLoRA does not do. Exclude convolutions with "
                 "LoraConfig.exclude, or use weight_qtype=None."
             )
-        conv_kwargs = dict(
+        conv_kwargs: dict[str, Any] = dict(
             lhs_dilation=lhs_dilation,
             rhs_dilation=rhs_dilation,
             feature_group_count=feature_group_count,
@@ -248,7 +344,7 @@ class PeftLoraProvider(qwix.LoraProvider):
             **conv_kwargs,
         )
         rule = self._current_rule("conv_general_dilated")
-        weight_name = _flax_util.find_param(rhs, QuantizedWeight) if rule else None
+        weight_name = _find_weight(rhs) if rule else None
         if rule is None or weight_name is None:
             return res
         numbers = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
@@ -265,22 +361,115 @@ class PeftLoraProvider(qwix.LoraProvider):
             (rule.rank, rhs.shape[-1]),
             (*range(rhs.ndim - 1), None),
             (None, rhs.ndim - 1),
-            LoraLayout("conv"),
+            LoraLayout(
+                "conv",
+                feature_group_count=feature_group_count,
+                batch_group_count=batch_group_count,
+            ),
+            rhs,
         )
-        projected = jax.lax.conv_general_dilated(
-            _dropout(weight_name, rule, lhs),
-            lora_a,
-            window_strides,
-            padding,
-            dimension_numbers=numbers,
-            **conv_kwargs,
-        )
-        return res + (projected @ lora_b) * _scale(rule)
+
+        def update() -> jax.Array:
+            projected = jax.lax.conv_general_dilated(
+                _dropout(weight_name, rule, lhs),
+                lora_a,
+                window_strides,
+                padding,
+                dimension_numbers=numbers,
+                **conv_kwargs,
+            )
+            return (projected @ lora_b) * _scale(rule)
+
+        return _add_update(res, weight_name, lora_a, lora_b, update)
+
+
+def _find_weight(operand: Any) -> str | None:
+    """The name of the current module's base weight that ``operand`` is, or ``None``.
+
+    Qwix's ``find_param`` matches by identity, then (under tracing) through
+    unary operations, and otherwise by shape among all of the module's
+    parameters, adapters included. When an adapter factor has the weight's
+    shape (``rank == out_features`` in a Linear) that last match is ambiguous:
+    Qwix returns ``None``, silently skipping the update (always for QLoRA,
+    whose weight reaches the matmul as a copy; in eager mode for a weight cast
+    to the compute dtype), or raises. An adapter is never the weight, so the
+    shape match is redone among the base weights only.
+    """
+    try:
+        name = _flax_util.find_param(operand, QuantizedWeight)
+    except ValueError as err:
+        if "Multiple candidate params" not in str(err):
+            raise
+        name = None
+    module = _flax_util.get_current_module()
+    if name is not None and not isinstance(getattr(module, name), AdapterParam):
+        return name
+    same_shape = [
+        candidate
+        for candidate, value in vars(module).items()
+        if isinstance(value, QuantizedWeight | nnx.Param)
+        and not isinstance(value, AdapterParam)
+        and tuple(value.shape) == tuple(operand.shape)
+    ]
+    return same_shape[0] if len(same_shape) == 1 else None
 
 
 def _scale(rule: qwix.LoraRule) -> float:
     """The factor of the low-rank update."""
     return rule.alpha / rule.rank
+
+
+def _add_update(
+    res: jax.Array,
+    weight_name: str,
+    lora_a: jax.Array,
+    lora_b: jax.Array,
+    update: Callable[[], jax.Array],
+) -> jax.Array:
+    """``res`` plus the scaled update, as the adapter's :class:`AdapterState` asks."""
+    state = adapter_state(_flax_util.get_current_module(), weight_name)
+    if state is AdapterState.ACTIVE:
+        return res + update()
+    if state is AdapterState.MERGED:
+        return _refuse_adapter_gradients(_module_path(), res, lora_a, lora_b)
+    return res
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _refuse_adapter_gradients(
+    module_path: str, res: jax.Array, lora_a: jax.Array, lora_b: jax.Array
+) -> jax.Array:
+    """Returns ``res``; differentiating it with respect to the adapters raises.
+
+    A merged adapter is not used by the forward pass, so its gradient would be
+    silently zero: a training step would change nothing, or only apply weight
+    decay to adapters already folded into the weights. Tracing the derivative
+    fails loudly instead. Gradients with respect to anything else (inputs,
+    base weights) pass through, and compiled forward passes contain no trace of
+    this function.
+    """
+    del module_path, lora_a, lora_b
+    return res
+
+
+def _refuse_adapter_gradients_jvp(
+    module_path: str, primals: tuple[jax.Array, ...], tangents: tuple[Any, ...]
+) -> tuple[jax.Array, Any]:
+    _, lora_a_dot, lora_b_dot = tangents
+    if not (isinstance(lora_a_dot, SymbolicZero) and isinstance(lora_b_dot, SymbolicZero)):
+        raise AdapterStateError(
+            f"A gradient with respect to the adapters of module {module_path!r} was "
+            "requested while they are merged into the base weights (merge_adapter()); a "
+            "merged adapter is not used by the forward pass, so its gradient would be zero. "
+            "Call model.unmerge_adapter() before training, and merge_adapter() again after."
+        )
+    res_dot = tangents[0]
+    if isinstance(res_dot, SymbolicZero):
+        res_dot = jax.numpy.zeros_like(primals[0])
+    return primals[0], res_dot
+
+
+_refuse_adapter_gradients.defjvp(_refuse_adapter_gradients_jvp, symbolic_zeros=True)
 
 
 def _dropout(weight_name: str, rule: qwix.LoraRule, lhs: jax.Array) -> jax.Array:
@@ -313,10 +502,13 @@ def _get_or_create_adapter(
     a_transpose: Sequence[int | None],
     b_transpose: Sequence[int | None],
     layout: LoraLayout,
+    operand: Any,
 ) -> tuple[jax.Array, jax.Array]:
     """Qwix's ``_get_or_create_lora_params`` for NNX, creating :class:`AdapterParam`.
 
-    Also records ``layout`` as ``<name>_lora_layout`` on the module.
+    Also records ``layout`` as ``<name>_lora_layout`` on the module, completed
+    with the rule's scale and whether ``operand`` (the matmul's weight
+    operand) is the stored weight.
     """
     module = _flax_util.get_current_module()
     lora_a = getattr(module, name + LORA_A_SUFFIX, None)
@@ -324,8 +516,11 @@ def _get_or_create_adapter(
     if lora_a is not None and lora_b is not None:
         return _flax_util.unbox(lora_a), _flax_util.unbox(lora_b)
 
-    setattr(module, name + LAYOUT_SUFFIX, dataclasses.replace(layout, scale=_scale(rule)))
     param = getattr(module, name)
+    layout = dataclasses.replace(
+        layout, scale=_scale(rule), operand_is_weight=_is_stored_weight(operand, param)
+    )
+    setattr(module, name + LAYOUT_SUFFIX, layout)
     if isinstance(param, QuantizedWeight):
         dtype, boxed = _flax_util.unbox(param.array.scale).dtype, param.array.qvalue
     else:
@@ -358,3 +553,102 @@ def _get_or_create_adapter(
         need_rng=True,
     )
     return lora_a, lora_b
+
+
+def _is_stored_weight(operand: Any, param: Any) -> bool:
+    """Whether a matmul's weight operand is ``param`` itself, possibly cast to another dtype.
+
+    Qwix matches an operand to a weight by identity, through unary operations
+    or, failing both, by shape alone; so a transposed square kernel, a flipped
+    one (``nnx.ConvTranspose``) or a masked one (``nnx.Conv(mask=...)``) gets an
+    adapter too, whose update then applies to the transform. The sample call
+    runs eagerly, so the values can be compared; under tracing (a model that
+    jits or scans inside ``__call__``) they cannot, and Qwix's match is trusted.
+    """
+    if isinstance(param, QuantizedWeight):
+        return True  # Qwix hands the quantized weight itself to the matmul
+    value = _flax_util.unbox(param)
+    if isinstance(operand, jax.core.Tracer) or isinstance(value, jax.core.Tracer):
+        return True
+    return operand.shape == value.shape and bool(
+        np.array_equal(np.asarray(operand), np.asarray(value.astype(operand.dtype)))
+    )
+
+
+#: Attributes next to an adapted weight that belong to its adapter.
+ADAPTER_SUFFIXES = (
+    LORA_A_SUFFIX,
+    LORA_B_SUFFIX,
+    LAYOUT_SUFFIX,
+    STATE_SUFFIX,
+    DROPOUT_SUFFIX,
+    _QWIX_EINSUM_STR_SUFFIX,
+)
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def weight_variables(stored: Any) -> list[nnx.Variable[Any]]:
+    """The variables holding a base weight: the ``nnx.Param`` itself, or a QLoRA weight's parts."""
+    variables: list[nnx.Variable[Any]] = jax.tree.leaves(stored, is_leaf=_is_variable)
+    return variables
+
+
+def weight_value(stored: Any, values: Sequence[jax.Array]) -> jax.Array:
+    """The floating-point weight that ``values`` of ``weight_variables(stored)`` hold.
+
+    For a QLoRA weight this is ``qwix.dequantize`` of the quantized array, in
+    the dtype of its scale: exactly the array Qwix multiplies with when the
+    input is a floating-point array.
+    """
+    if not isinstance(stored, QuantizedWeight):
+        (value,) = values
+        return value
+    unboxed = jax.tree.unflatten(jax.tree.structure(stored, is_leaf=_is_variable), values)
+    return qwix.dequantize(unboxed.array)
+
+
+def weight_values(stored: Any, value: jax.Array) -> list[jax.Array]:
+    """Values for ``weight_variables(stored)`` that store the floating-point ``value``.
+
+    For a QLoRA weight, ``value`` is quantized the way Qwix quantized the
+    original (same type, channel axes, tiles and calibration), which rounds
+    it to the quantization grid.
+    """
+    if not isinstance(stored, QuantizedWeight):
+        return [value]
+    how = stored.how
+    quantized = qwix.quantize(
+        value.astype(stored.array.scale.dtype),
+        how.qtype,
+        channelwise_axes=how.channelwise_axes,
+        tiled_axes=how.tiled_axes,
+        calibration_method=how.calibration_method,
+    )
+    expected: Any = jax.tree.structure(stored.array, is_leaf=_is_variable)
+    if jax.tree.structure(quantized) != expected:
+        raise AssertionError(f"Requantizing changed the structure of {stored.array!r}")
+    return jax.tree.leaves(quantized)
+
+
+def unwrap(model: nnx.Module) -> None:
+    """Undoes, in place, what ``qwix.apply_lora_to_model`` did to the module tree.
+
+    Removes the attributes Qwix set on every module and gives the root module
+    its original class back, so calls are no longer intercepted. Adapters are
+    left alone; remove them first.
+    """
+    for _, module in nnx.iter_modules(model):
+        for name in _QWIX_MODULE_ATTRIBUTES:
+            if name in vars(module):
+                delattr(module, name)
+    object.__setattr__(model, "__class__", unwrapped_type(model))
+    # Qwix assigned its class through nnx's __setattr__, which also recorded
+    # `__class__` as a static attribute; drop it so that the graph definition
+    # is the base model's again.
+    nodes = vars(model)["_pytree__nodes"]
+    if "__class__" in nodes:
+        kept = {name: is_node for name, is_node in nodes.items() if name != "__class__"}
+        object.__setattr__(model, "_pytree__nodes", type(nodes)(kept))

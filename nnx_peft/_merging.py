@@ -1,0 +1,375 @@
+"""Folding LoRA updates into base weights: merge and unload, merge in place, disable.
+
+Qwix adds ``scale * update(x, A, B)`` to the output of each adapted matmul,
+and the update is linear in the input. So the adapted layer computes the base
+matmul with the weight ``W + scale * delta``, where ``delta`` is the product
+of the two factors laid out like ``W``: reshaped and transposed for a
+``dot_general``, contracted over the rank for an ``einsum``, ``A @ B`` over
+the output features for a convolution. Each adapter's :class:`LoraLayout`
+records how its weight entered the matmul, which is all the layout needs.
+
+Merging in place keeps the original weight values in an
+:class:`UnmergedWeight` next to the merged weight, so unmerging restores them
+bit for bit (also for a QLoRA base, whose merged weight is requantized).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Float
+
+from nnx_peft._errors import AdapterStateError, DtypeError, UnmergeableAdapterError
+from nnx_peft._injection import iter_adapters, module_paths
+from nnx_peft._qwix_bridge import (
+    ADAPTER_SUFFIXES,
+    LAYOUT_SUFFIX,
+    LORA_A_SUFFIX,
+    LORA_B_SUFFIX,
+    AdapterState,
+    LoraLayout,
+    adapter_state,
+    set_adapter_state,
+    unwrap,
+    weight_value,
+    weight_values,
+    weight_variables,
+)
+
+#: Attribute next to a merged weight holding its values from before the merge.
+UNMERGED_SUFFIX = "_lora_unmerged"
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class UnmergedWeight(nnx.Variable[tuple[jax.Array, ...]]):
+    """A base weight's values from before ``merge_adapter``, kept for an exact unmerge.
+
+    Not an ``nnx.Param``: never trained, never counted as a parameter. It
+    exists only while the adapters are merged, as ``<weight>_lora_unmerged``.
+    """
+
+
+# The maths: the update of each kind of matmul as a delta of the weight.
+
+
+def dot_general_delta(
+    lora_a: Float[Array, "*batch contract rank"],
+    lora_b: Float[Array, "*batch rank remain"],
+    layout: LoraLayout,
+    weight_shape: tuple[int, ...],
+) -> Float[Array, "*weight"]:
+    """The weight delta of a ``dot_general`` adapter, in the weight's own axis order.
+
+    Qwix flattens the weight's contracting axes (in ``dimension_numbers``
+    order) into the rows of ``A`` and its remaining axes (ascending) into the
+    columns of ``B``, with the batch axes leading both.
+
+    Args:
+        lora_a: ``A``, shaped ``(*batch, prod(contracting), rank)``.
+        lora_b: ``B``, shaped ``(*batch, rank, prod(remaining))``.
+        layout: The adapter's layout (``kind='dot_general'``).
+        weight_shape: Shape of the base weight.
+
+    Returns:
+        ``A @ B`` unflattened and transposed to ``weight_shape``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> layout = LoraLayout("dot_general", contracting=(1,))
+        >>> dot_general_delta(jnp.ones((3, 2)), jnp.ones((2, 5)), layout, (5, 3)).shape
+        (5, 3)
+    """
+    rank_axes = (*layout.batch, *layout.contracting)
+    remaining = tuple(i for i in range(len(weight_shape)) if i not in rank_axes)
+    order = (*rank_axes, *remaining)
+    product = jnp.matmul(lora_a, lora_b, precision=_HIGHEST)
+    product = product.reshape(tuple(weight_shape[i] for i in order))
+    return product.transpose(tuple(int(i) for i in np.argsort(order)))
+
+
+def einsum_delta(
+    lora_a: Float[Array, "*shared rank"],
+    lora_b: Float[Array, "rank ..."],
+    layout: LoraLayout,
+) -> Float[Array, "*weight"]:
+    """The weight delta of an ``einsum`` adapter, in the weight's own axis order.
+
+    Qwix's update is ``einsum('<x>,<A>,<B>-><out>', x, A, B)``, where ``A``
+    holds the weight's axes shared with the input plus the rank, and ``B`` the
+    rank plus the rest; contracting the rank gives the weight's axes back.
+
+    Args:
+        lora_a: ``A``, shaped like the weight's shared axes plus ``rank``.
+        lora_b: ``B``, shaped ``rank`` plus the weight's other axes.
+        layout: The adapter's layout (``kind='einsum'``).
+
+    Returns:
+        The delta with the weight's subscripts ``layout.weight_str``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> layout = LoraLayout("einsum", einsum_str="bd,dr,rnh->bnh", weight_str="nhd")
+        >>> einsum_delta(jnp.ones((4, 2)), jnp.ones((2, 3, 5)), layout).shape
+        (3, 5, 4)
+    """
+    a_str, b_str = layout.einsum_str.split("->")[0].split(",")[1:]
+    return jnp.einsum(f"{a_str},{b_str}->{layout.weight_str}", lora_a, lora_b, precision=_HIGHEST)
+
+
+def conv_delta(
+    lora_a: Float[Array, "*window in_features rank"],
+    lora_b: Float[Array, "rank out_features"],
+) -> Float[Array, "*window in_features out_features"]:
+    """The kernel delta of a convolution adapter.
+
+    Qwix convolves with ``A`` (the kernel's shape, ``rank`` output features)
+    and multiplies the result by ``B``; a convolution is linear in its kernel
+    and acts on output features independently, so this equals convolving with
+    ``A @ B``. Only for ungrouped convolutions: see :func:`check_mergeable`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> conv_delta(jnp.ones((3, 4, 2)), jnp.ones((2, 6))).shape
+        (3, 4, 6)
+    """
+    return jnp.matmul(lora_a, lora_b, precision=_HIGHEST)
+
+
+def weight_delta(
+    layout: LoraLayout, lora_a: jax.Array, lora_b: jax.Array, weight_shape: tuple[int, ...]
+) -> jax.Array:
+    """``delta`` such that the adapted layer computes its matmul with ``W + scale * delta``."""
+    if layout.kind == "dot_general":
+        return dot_general_delta(lora_a, lora_b, layout, weight_shape)
+    if layout.kind == "einsum":
+        return einsum_delta(lora_a, lora_b, layout)
+    if layout.kind == "conv":
+        return conv_delta(lora_a, lora_b)
+    raise AssertionError(f"unknown adapter kind {layout.kind!r}")
+
+
+def check_mergeable(path: str, weight: str, layout: LoraLayout) -> None:
+    """Raises if the update of ``<path>.<weight>`` has no exact form as a weight delta.
+
+    Raises:
+        UnmergeableAdapterError: The convolution is grouped (its update mixes
+            groups, which a grouped kernel cannot), or the module transformed
+            the weight before its matmul (the update applies to the transform).
+    """
+    where = f"The adapter of {weight!r} in module {path!r}"
+    if layout.feature_group_count != 1 or layout.batch_group_count != 1:
+        raise UnmergeableAdapterError(
+            f"{where} belongs to a grouped convolution (feature_group_count="
+            f"{layout.feature_group_count}, batch_group_count={layout.batch_group_count}); "
+            "a kernel delta can be folded only into an ungrouped convolution (group count 1). "
+            "Qwix's update convolves with A in groups and then mixes all groups through B, "
+            "which a grouped kernel cannot express. Keep this model unmerged, or exclude the "
+            "module with LoraConfig.exclude before training."
+        )
+    if not layout.operand_is_weight:
+        raise UnmergeableAdapterError(
+            f"{where} was created for a transformed copy of the weight (the module "
+            "transposes, flips or masks it before its matmul), so its update has no exact form "
+            f"as a change of the stored {weight!r}; a weight used as is was expected. Keep this "
+            "model unmerged, or exclude the module with LoraConfig.exclude before training."
+        )
+
+
+# Finding the adapters and their state.
+
+
+def adapted_weights(model: nnx.Module) -> list[tuple[str, nnx.Module, str]]:
+    """``(module path, module, weight name)`` of every adapted weight of ``model``."""
+    modules = module_paths(model)
+    return [
+        (info.module_path, modules[info.module_path], info.weight) for info in iter_adapters(model)
+    ]
+
+
+def is_merged(model: nnx.Module) -> bool:
+    """Whether ``model`` has adapters and all of them are merged into the base weights."""
+    states = {adapter_state(module, weight) for _, module, weight in adapted_weights(model)}
+    return states == {AdapterState.MERGED}
+
+
+def _require(
+    adapted: Sequence[tuple[str, nnx.Module, str]], allowed: Sequence[AdapterState], action: str
+) -> None:
+    """Raises :class:`AdapterStateError` unless every adapter is in an ``allowed`` state."""
+    for path, module, weight in adapted:
+        state = adapter_state(module, weight)
+        if state in allowed:
+            continue
+        where = f"the adapter of {weight!r} in module {path!r} is {state.value}"
+        if state is AdapterState.DISABLED:
+            fix = (
+                "This happens inside a `with model.disable_adapter():` block; "
+                f"call {action} after the block."
+            )
+        elif state is AdapterState.MERGED:
+            fix = (
+                "The adapters are already merged (model.merged is True); merging again would "
+                "add the update twice. Call model.unmerge_adapter() first, or use the model "
+                "as it is."
+            )
+        else:
+            fix = (
+                "The adapters are not merged (model.merged is False), so there is nothing to "
+                "take out of the base weights. Call model.merge_adapter() first."
+            )
+        expected = " or ".join(s.value for s in allowed)
+        raise AdapterStateError(f"{action} needs every adapter {expected}, but {where}. {fix}")
+
+
+def _base_values(module: nnx.Module, weight: str) -> list[jax.Array]:
+    """The values of the base weight's variables without the update, merged or not."""
+    unmerged = getattr(module, weight + UNMERGED_SUFFIX, None)
+    if unmerged is not None:
+        return list(unmerged.get_value())
+    return [variable.get_value() for variable in weight_variables(getattr(module, weight))]
+
+
+def _fold(module: nnx.Module, weight: str, base: jax.Array, dtype: Any) -> jax.Array:
+    """``base + scale * delta`` for the adapter of ``module.<weight>``, rounded once to dtype."""
+    layout: LoraLayout = getattr(module, weight + LAYOUT_SUFFIX)
+    compute = jnp.promote_types(base.dtype, jnp.float32)
+    lora_a = getattr(module, weight + LORA_A_SUFFIX).get_value().astype(compute)
+    lora_b = getattr(module, weight + LORA_B_SUFFIX).get_value().astype(compute)
+    delta = weight_delta(layout, lora_a, lora_b, tuple(base.shape))
+    return (base.astype(compute) + layout.scale * delta).astype(dtype)
+
+
+def _check_all_mergeable(adapted: Sequence[tuple[str, nnx.Module, str]]) -> None:
+    for path, module, weight in adapted:
+        check_mergeable(path, weight, getattr(module, weight + LAYOUT_SUFFIX))
+
+
+def _float_dtype(dtype: Any) -> np.dtype[Any] | None:
+    """``dtype`` as a NumPy dtype, checked to be floating point (``None`` stays ``None``)."""
+    if dtype is None:
+        return None
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved is None or not jnp.issubdtype(resolved, jnp.floating):
+        raise DtypeError(
+            f"merge_and_unload(dtype=...) takes a floating-point dtype for the merged weights; "
+            f"got {dtype!r}. Pass e.g. dtype=jnp.float32 or jnp.bfloat16, or None to keep each "
+            "weight's own dtype (for a QLoRA weight, that of its quantization scale)."
+        )
+    return resolved
+
+
+# The verbs.
+
+
+def merge_and_unload(model: nnx.Module, *, dtype: Any = None) -> nnx.Module:
+    """A plain copy of the adapted ``model`` with every update folded into its weight.
+
+    Args:
+        model: The adapted model (``PeftModel.model``); it is not modified.
+        dtype: Dtype of the merged weights; ``None`` keeps each weight's dtype
+            (for a QLoRA weight: dequantized, in the dtype of its scale).
+            Weights without an adapter keep theirs.
+
+    Returns:
+        A model of the base model's class with the base model's structure: no
+        interception, no adapter variables, the merged weights as ``nnx.Param``.
+        Weights without an adapter share their buffers with ``model``.
+
+    Raises:
+        DtypeError: ``dtype`` is not a floating-point dtype.
+        UnmergeableAdapterError: An update cannot be folded exactly.
+        AdapterStateError: Called inside ``disable_adapter()``.
+    """
+    resolved = _float_dtype(dtype)
+    adapted = adapted_weights(model)
+    _check_all_mergeable(adapted)
+    _require(adapted, (AdapterState.ACTIVE, AdapterState.MERGED), "merge_and_unload()")
+    plain = nnx.clone(model)
+    for _, module, weight in adapted_weights(plain):
+        stored = getattr(module, weight)
+        base = weight_value(stored, _base_values(module, weight))
+        merged = _fold(module, weight, base, base.dtype if resolved is None else resolved)
+        setattr(module, weight, weight_variables(stored)[0].replace(merged))
+        for suffix in (*ADAPTER_SUFFIXES, UNMERGED_SUFFIX):
+            if weight + suffix in vars(module):
+                delattr(module, weight + suffix)
+    unwrap(plain)
+    return plain
+
+
+def merge_adapter(model: nnx.Module) -> None:
+    """Folds every update into its base weight, in place, keeping the originals.
+
+    Float weights become ``W + scale * delta``, rounded once to their dtype.
+    QLoRA weights are dequantized, updated and quantized again the way Qwix
+    quantized them, which rounds the sum to the quantization grid.
+
+    Raises:
+        AdapterStateError: The adapters are already merged, or disabled.
+        UnmergeableAdapterError: An update cannot be folded exactly.
+    """
+    adapted = adapted_weights(model)
+    _require(adapted, (AdapterState.ACTIVE,), "merge_adapter()")
+    _check_all_mergeable(adapted)
+    merges = []
+    for _, module, weight in adapted:  # compute all before changing any
+        stored = getattr(module, weight)
+        originals = _base_values(module, weight)
+        base = weight_value(stored, originals)
+        merges.append((originals, weight_values(stored, _fold(module, weight, base, base.dtype))))
+    for (_, module, weight), (originals, merged) in zip(adapted, merges, strict=True):
+        for variable, value in zip(weight_variables(getattr(module, weight)), merged, strict=True):
+            variable.set_value(value)
+        setattr(module, weight + UNMERGED_SUFFIX, UnmergedWeight(tuple(originals)))
+        set_adapter_state(module, weight, AdapterState.MERGED)
+
+
+def unmerge_adapter(model: nnx.Module) -> None:
+    """Restores the base weights saved by :func:`merge_adapter`, bit for bit.
+
+    Raises:
+        AdapterStateError: The adapters are not merged, or disabled.
+    """
+    adapted = adapted_weights(model)
+    _require(adapted, (AdapterState.MERGED,), "unmerge_adapter()")
+    for _, module, weight in adapted:
+        originals = getattr(module, weight + UNMERGED_SUFFIX).get_value()
+        for variable, value in zip(
+            weight_variables(getattr(module, weight)), originals, strict=True
+        ):
+            variable.set_value(value)
+        delattr(module, weight + UNMERGED_SUFFIX)
+        set_adapter_state(module, weight, AdapterState.ACTIVE)
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nnx.Module) -> Iterator[None]:
+    """Runs the block with every update switched off, then restores the adapters.
+
+    Merged adapters are unmerged for the block and merged again after it.
+    The previous state comes back also when the block raises.
+    """
+    was_merged = is_merged(model)
+    if was_merged:
+        unmerge_adapter(model)
+    adapted = adapted_weights(model)
+    previous = [adapter_state(module, weight) for _, module, weight in adapted]
+    for _, module, weight in adapted:
+        set_adapter_state(module, weight, AdapterState.DISABLED)
+    try:
+        yield
+    finally:
+        for (_, module, weight), state in zip(adapted, previous, strict=True):
+            set_adapter_state(module, weight, state)
+        if was_merged:
+            merge_adapter(model)
