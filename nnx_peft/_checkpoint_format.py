@@ -1,0 +1,354 @@
+"""The self-description of an adapter checkpoint, and the checks made before loading one.
+
+Shared by the Orbax checkpoints (``_checkpoint.py``) and the safetensors
+export (``_safetensors.py``). A description is JSON:
+
+- ``format``, ``format_version``: what this is, so anything else is refused;
+- ``nnx_peft_version``, ``base_model``: who wrote it, from which model class;
+- ``config``: the full ``LoraConfig`` (``LoraConfig.to_dict()``);
+- ``adapters``: every adapter's module path, weight, factor shapes and dtype;
+- ``arrays``: per stored item (``adapter``, and for training checkpoints
+  ``optimizer`` and ``model_state``) and per variable path relative to the
+  wrapped model, the ``shape``, ``dtype`` and ``checksum`` of the array.
+
+Arrays are checked against the live model (keys, shapes, dtypes; never cast)
+before anything is read, and against their checksums after reading, before
+anything is assigned. Checksums are needed because Orbax restores a flipped
+byte inside its data files without complaint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nnx_peft._config import LoraConfig
+from nnx_peft._errors import (
+    AdapterStateError,
+    CheckpointMismatchError,
+    ConfigError,
+    ConfigMismatchError,
+    CorruptCheckpointError,
+    NotACheckpointError,
+)
+from nnx_peft._injection import path_string
+from nnx_peft._qwix_bridge import unwrapped_type
+from nnx_peft._variables import AdapterParam
+
+if TYPE_CHECKING:
+    from nnx_peft._peft_model import PeftModel
+
+#: Value of the description's ``format`` field, and the version this code reads and writes.
+FORMAT = "nnx_peft.adapter_checkpoint"
+FORMAT_VERSION = 1
+
+#: Orbax item names inside a step directory.
+ADAPTER, DESCRIPTION, OPTIMIZER, MODEL_STATE = "adapter", "description", "optimizer", "model_state"
+
+#: The weights an adapter checkpoint holds: every adapter nnx_peft created.
+SAVED_WEIGHTS = AdapterParam
+
+_LISTED = 20  # offending paths quoted in an error message; the exception keeps them all
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraySpec:
+    """Shape, dtype and checksum of one stored array, as the description records them."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    checksum: str = ""
+
+
+# --- Arrays of a live model --------------------------------------------------------------
+
+
+def array_variables(node: Any, where: nnx.filterlib.Filter) -> dict[str, nnx.Variable[Any]]:
+    """The variables of ``node`` that ``where`` selects and that hold a ``jax.Array``, by path."""
+    predicate = nnx.filterlib.to_predicate(where)
+    return {
+        path_string(path): value
+        for path, value in nnx.iter_graph(node)
+        if isinstance(value, nnx.Variable)
+        and predicate(path, value)
+        and isinstance(value.get_value(), jax.Array)
+    }
+
+
+def values(variables: Mapping[str, nnx.Variable[Any]]) -> dict[str, jax.Array]:
+    """The current arrays of ``variables``."""
+    return {path: variable.get_value() for path, variable in variables.items()}
+
+
+def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``{'a/b': x}`` to ``{'a': {'b': x}}``: Orbax stores nested dicts of string keys."""
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split("/")
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return tree
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The inverse of :func:`nest`."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, path + "/"))
+        else:
+            flat[path] = value
+    return flat
+
+
+# --- Checksums -----------------------------------------------------------------------------
+
+_UNSIGNED = {4: jnp.uint4, 8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The bits of ``x`` as ``uint32`` words."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        x = jnp.stack([x.real, x.imag])
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    info = jnp.iinfo(x.dtype) if jnp.issubdtype(x.dtype, jnp.integer) else jnp.finfo(x.dtype)
+    if info.bits > 32:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, _UNSIGNED[info.bits]).astype(jnp.uint32)
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+    """Sum and position-weighted sum of the words, modulo ``2**32``.
+
+    Integer addition is exact and associative, so the result does not depend
+    on how the array is sharded, and any single changed word changes the sum.
+    """
+    words = _words(x).ravel()
+    weights = jnp.arange(1, words.size + 1, dtype=jnp.uint32)
+    return jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * weights, dtype=jnp.uint32)])
+
+
+# Compiled per shape and dtype (a model has few), not per model.
+_checksum_jit = jax.jit(_checksum)
+
+
+def checksums(arrays: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, dict[str, str]]:
+    """Hex checksums of every array, per item and path; computed on device, fetched at once."""
+    sums = jax.device_get(
+        {item: {path: _checksum_jit(x) for path, x in a.items()} for item, a in arrays.items()}
+    )
+    return {
+        item: {path: f"{int(s[0]):08x}{int(s[1]):08x}" for path, s in item_sums.items()}
+        for item, item_sums in sums.items()
+    }
+
+
+# --- The description -------------------------------------------------------------------------
+
+
+def describe(model: PeftModel, arrays: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, Any]:
+    """The JSON description of a checkpoint of ``model`` holding ``arrays`` (per item).
+
+    Args:
+        model: The wrapper being saved.
+        arrays: The arrays to store, by item name and then variable path.
+
+    Returns:
+        JSON-compatible data; see the module docstring for the fields.
+    """
+    from nnx_peft import __version__  # the package imports this module; import at call time
+
+    base = unwrapped_type(model.model)
+    sums = checksums(arrays)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "nnx_peft_version": __version__,
+        "base_model": f"{base.__module__}.{base.__qualname__}",
+        "config": model.config.to_dict(),
+        "adapters": [
+            {
+                **dataclasses.asdict(info),
+                "a_shape": list(info.a_shape),
+                "b_shape": list(info.b_shape),
+            }
+            for info in model.adapters()
+        ],
+        "arrays": {
+            item: {
+                path: {"shape": list(x.shape), "dtype": str(x.dtype), "checksum": sums[item][path]}
+                for path, x in item_arrays.items()
+            }
+            for item, item_arrays in arrays.items()
+        },
+    }
+
+
+def _spec(entry: Any) -> ArraySpec:
+    """One ``arrays`` entry of a description; raises ``TypeError``/``KeyError`` if malformed."""
+    shape, dtype, checksum = entry["shape"], entry["dtype"], entry["checksum"]
+    if not (isinstance(shape, list) and all(isinstance(n, int) for n in shape)):
+        raise TypeError(f"shape {shape!r} is not a list of ints")
+    if not (isinstance(dtype, str) and isinstance(checksum, str)):
+        raise TypeError(f"dtype {dtype!r} or checksum {checksum!r} is not a string")
+    return ArraySpec(tuple(shape), dtype, checksum)
+
+
+def parse_description(data: Any, where: str) -> tuple[LoraConfig, dict[str, dict[str, ArraySpec]]]:
+    """Checks a description and returns its config and array specs (per item and path).
+
+    Raises:
+        NotACheckpointError: ``data`` is not an nnx_peft description, or one of
+            a format version this nnx_peft cannot read.
+        CorruptCheckpointError: It claims to be one but its fields are malformed.
+    """
+    found = data.get("format") if isinstance(data, dict) else type(data).__name__
+    if found != FORMAT:
+        raise NotACheckpointError(
+            f"{where} is not an nnx_peft adapter checkpoint: its description has format "
+            f"{found!r}, expected {FORMAT!r}. Point to a directory written by "
+            "PeftModel.save_adapter or PeftModel.save_training_checkpoint."
+        )
+    if data.get("format_version") != FORMAT_VERSION:
+        raise NotACheckpointError(
+            f"{where} has checkpoint format version {data.get('format_version')!r} (written by "
+            f"nnx_peft {data.get('nnx_peft_version')!r}); this nnx_peft reads version "
+            f"{FORMAT_VERSION}. Install the nnx_peft version that wrote it."
+        )
+    try:
+        config = LoraConfig.from_dict(data["config"])
+        specs = {
+            item: {path: _spec(entry) for path, entry in entries.items()}
+            for item, entries in data["arrays"].items()
+        }
+        if ADAPTER not in specs:
+            raise KeyError(f"arrays[{ADAPTER!r}]")
+    except (KeyError, TypeError, AttributeError, ConfigError) as err:
+        raise CorruptCheckpointError(
+            f"The description of {where} is malformed ({type(err).__name__}: {err}); it was "
+            "edited or damaged after saving. Restore it from a copy, or save the adapter again."
+        ) from err
+    return config, specs
+
+
+def check_config(expected: LoraConfig, saved: LoraConfig, where: str) -> None:
+    """Raises :class:`ConfigMismatchError` naming each field where ``saved`` differs."""
+    if saved == expected:
+        return
+    ours, theirs = expected.to_dict(), saved.to_dict()
+    diffs = [
+        f"{k}: checkpoint {theirs[k]!r}, model {ours[k]!r}" for k in ours if ours[k] != theirs[k]
+    ]
+    raise ConfigMismatchError(
+        f"{where} was saved with another LoraConfig than this PeftModel's; differing fields: "
+        f"{'; '.join(diffs)}. Load it with PeftModel.from_pretrained(base_model, path, "
+        "*sample_inputs, rngs=...), which builds the wrapper from the saved config."
+    )
+
+
+def quote(paths: list[str]) -> str:
+    """The first paths of ``paths`` for a message, saying how many more there are."""
+    shown = ", ".join(paths[:_LISTED])
+    return f"{shown}, ... ({len(paths) - _LISTED} more)" if len(paths) > _LISTED else shown
+
+
+def check_fit(
+    item: str, live: Mapping[str, jax.Array], saved: Mapping[str, ArraySpec], where: str
+) -> None:
+    """Raises :class:`CheckpointMismatchError` unless ``saved`` has exactly ``live``'s arrays.
+
+    Args:
+        item: What is compared (``'adapter'``, ``'optimizer'``, ...), for the message.
+        live: The model's arrays by path.
+        saved: The checkpoint's array specs by path.
+        where: The checkpoint, for the message.
+    """
+    missing = sorted(set(live) - set(saved))
+    unexpected = sorted(set(saved) - set(live))
+    mismatched = sorted(
+        path
+        for path in set(live) & set(saved)
+        if (saved[path].shape, saved[path].dtype)
+        != (tuple(live[path].shape), str(live[path].dtype))
+    )
+    described = [
+        f"{path} (checkpoint {saved[path].shape} {saved[path].dtype}, model "
+        f"{tuple(live[path].shape)} {live[path].dtype})"
+        for path in mismatched
+    ]
+    if not (missing or unexpected or mismatched):
+        return
+    problems = [
+        f"{title} ({len(paths)}): {quote(paths)}"
+        for title, paths in (
+            ("missing from the checkpoint", missing),
+            ("in the checkpoint but not in the model", unexpected),
+            ("of another shape or dtype", described),
+        )
+        if paths
+    ]
+    raise CheckpointMismatchError(
+        f"The {item} arrays of {where} do not fit this model; nothing was loaded.\n  "
+        + "\n  ".join(problems)
+        + "\nLoad a checkpoint saved from the same architecture, dtype and LoraConfig (nothing "
+        "is cast for you); PeftModel.from_pretrained builds the wrapper from the saved config.",
+        missing=tuple(missing),
+        unexpected=tuple(unexpected),
+        mismatched=tuple(mismatched),
+    )
+
+
+def verify(
+    arrays: Mapping[str, Mapping[str, jax.Array]],
+    specs: Mapping[str, Mapping[str, ArraySpec]],
+    where: str,
+) -> None:
+    """Raises :class:`CorruptCheckpointError` for arrays whose checksum is not the recorded one."""
+    sums = checksums(arrays)
+    bad = sorted(
+        f"{item}/{path}"
+        for item, item_sums in sums.items()
+        for path, checksum in item_sums.items()
+        if checksum != specs[item][path].checksum
+    )
+    if bad:
+        raise CorruptCheckpointError(
+            f"The data of {len(bad)} arrays in {where} does not match the checksums in its "
+            f"description: {quote(bad)}. The files were changed or damaged after saving; "
+            "nothing was loaded. Restore them from a copy, or save the adapter again."
+        )
+
+
+def assign(
+    variables: Mapping[str, Mapping[str, nnx.Variable[Any]]],
+    arrays: Mapping[str, Mapping[str, jax.Array]],
+) -> None:
+    """Sets every variable to its array; called only once everything has been checked."""
+    for item, item_variables in variables.items():
+        for path, variable in item_variables.items():
+            variable.set_value(arrays[item][path])
+
+
+def require_unmerged(model: PeftModel, action: str) -> None:
+    """Raises :class:`AdapterStateError` if ``model``'s adapters are merged into its weights.
+
+    Loading new adapter values then would leave the old update in the base
+    weights, and the forward pass (which skips merged adapters) would not see them.
+    """
+    if model.merged:
+        raise AdapterStateError(
+            f"{action} needs unmerged adapters, but this model's adapters are merged into its "
+            "base weights (model.merged is True): the loaded values would not be used. Call "
+            "model.unmerge_adapter() first, then load, then merge_adapter() again if wanted."
+        )
