@@ -2,9 +2,17 @@
 
 from nnx_peft._config import WEIGHT_QTYPES as WEIGHT_QTYPES
 from nnx_peft._config import LoraConfig as LoraConfig
+from nnx_peft._errors import AdapterStateError as AdapterStateError
 from nnx_peft._errors import AlreadyWrappedError as AlreadyWrappedError
+from nnx_peft._errors import CheckpointExistsError as CheckpointExistsError
+from nnx_peft._errors import CheckpointMismatchError as CheckpointMismatchError
 from nnx_peft._errors import ConfigError as ConfigError
+from nnx_peft._errors import ConfigMismatchError as ConfigMismatchError
+from nnx_peft._errors import CorruptCheckpointError as CorruptCheckpointError
+from nnx_peft._errors import DtypeError as DtypeError
+from nnx_peft._errors import MissingDependencyError as MissingDependencyError
 from nnx_peft._errors import NoAdapterCreatedError as NoAdapterCreatedError
+from nnx_peft._errors import NotACheckpointError as NotACheckpointError
 from nnx_peft._errors import NotAModuleError as NotAModuleError
 from nnx_peft._errors import NothingTrainableError as NothingTrainableError
 from nnx_peft._errors import PeftError as PeftError
@@ -12,6 +20,7 @@ from nnx_peft._errors import QuantizationError as QuantizationError
 from nnx_peft._errors import RngsError as RngsError
 from nnx_peft._errors import SampleInputsError as SampleInputsError
 from nnx_peft._errors import TargetNotFoundError as TargetNotFoundError
+from nnx_peft._errors import UnmergeableAdapterError as UnmergeableAdapterError
 from nnx_peft._errors import UnsupportedLayerError as UnsupportedLayerError
 from nnx_peft._injection import AdapterInfo as AdapterInfo
 from nnx_peft._peft_model import PeftModel as PeftModel
@@ -27,10 +36,18 @@ __all__ = [
     "WEIGHT_QTYPES",
     "AdapterInfo",
     "AdapterParam",
+    "AdapterStateError",
     "AlreadyWrappedError",
+    "CheckpointExistsError",
+    "CheckpointMismatchError",
     "ConfigError",
+    "ConfigMismatchError",
+    "CorruptCheckpointError",
+    "DtypeError",
     "LoraConfig",
+    "MissingDependencyError",
     "NoAdapterCreatedError",
+    "NotACheckpointError",
     "NotAModuleError",
     "NothingTrainableError",
     "ParameterSummary",
@@ -40,6 +57,7 @@ __all__ = [
     "RngsError",
     "SampleInputsError",
     "TargetNotFoundError",
+    "UnmergeableAdapterError",
     "UnsupportedLayerError",
     "merge",
 ]

@@ -2,7 +2,8 @@
 
 Every error subclasses :class:`PeftError`, so ``except nnx_peft.PeftError``
 catches them all, and also the built-in type callers already catch for that
-kind of mistake (``ValueError`` for bad values, ``TypeError`` for bad types).
+kind of mistake (``ValueError`` for bad values, ``TypeError`` for bad types,
+``ImportError`` for a missing optional dependency).
 Messages say what was expected, what was received and what to do.
 """
 
@@ -51,3 +52,58 @@ class QuantizationError(PeftError, ValueError):
 
 class NothingTrainableError(PeftError, ValueError):
     """The model has no trainable variable to optimise."""
+
+
+class AdapterStateError(PeftError, ValueError):
+    """The adapters are merged, unmerged or disabled, and the operation needs another state."""
+
+
+class UnmergeableAdapterError(PeftError, ValueError):
+    """An adapter's update cannot be folded exactly into its base weight."""
+
+
+class DtypeError(PeftError, TypeError):
+    """A ``dtype`` argument is not a floating-point dtype."""
+
+
+class CheckpointExistsError(PeftError, ValueError):
+    """Saving would replace an existing checkpoint (without ``overwrite=True``) or other files."""
+
+
+class NotACheckpointError(PeftError, ValueError):
+    """The path holds no adapter checkpoint this nnx_peft can read."""
+
+
+class CorruptCheckpointError(PeftError, ValueError):
+    """A checkpoint's files cannot be read or disagree with its own description."""
+
+
+class CheckpointMismatchError(PeftError, ValueError):
+    """A checkpoint's arrays do not fit the model: missing, unexpected or of another shape or dtype.
+
+    Attributes:
+        missing: Paths the model has and the checkpoint lacks.
+        unexpected: Paths the checkpoint has and the model lacks.
+        mismatched: Paths present in both with a different shape or dtype.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        missing: tuple[str, ...] = (),
+        unexpected: tuple[str, ...] = (),
+        mismatched: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.missing = missing
+        self.unexpected = unexpected
+        self.mismatched = mismatched
+
+
+class ConfigMismatchError(PeftError, ValueError):
+    """A checkpoint's ``LoraConfig`` differs from the wrapper's, or does not fit the base model."""
+
+
+class MissingDependencyError(PeftError, ImportError):
+    """An optional dependency needed for the requested feature is not installed."""

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Any
 
 import optax
+import orbax.checkpoint as ocp
 from flax import nnx
 
+from nnx_peft import _checkpoint, _merging, _safetensors
 from nnx_peft._config import LoraConfig
 from nnx_peft._errors import (
     AlreadyWrappedError,
@@ -85,8 +89,10 @@ class PeftModel(nnx.Module):
                 f"{type(base_model).__qualname__}. Build the model with flax.nnx (a Linen "
                 "module can be bridged with flax.nnx.bridge.ToNNX)."
             )
-        if isinstance(base_model, PeftModel) or is_qwix_wrapped(base_model) or any(
-            True for _ in iter_adapters(base_model)
+        if (
+            isinstance(base_model, PeftModel)
+            or is_qwix_wrapped(base_model)
+            or any(True for _ in iter_adapters(base_model))
         ):
             raise AlreadyWrappedError(
                 f"The model ({type(base_model).__qualname__}) already has LoRA adapters. "
@@ -111,6 +117,8 @@ class PeftModel(nnx.Module):
             )
         self.config = config
         self.model = inject(base_model, config, sample_args, sample_kwargs, rngs)
+        # Made False by loading for inference (load_adapter, from_pretrained): see trainable_filter.
+        self._trainable = True
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Runs the adapted model."""
@@ -124,8 +132,12 @@ class PeftModel(nnx.Module):
         ``nnx.DiffState(0, f)`` for gradients, ``nnx.Optimizer(..., wrt=f)``.
         Do not use ``nnx.Param`` or ``nnx.LoRAParam`` for this: adapters are
         ``nnx.Param`` subclasses, and ``nnx.Param`` selects the base weights too.
+
+        After loading for inference (``trainable=False`` in :meth:`load_adapter`,
+        :meth:`from_pretrained` or :meth:`load_safetensors`) nothing is
+        trainable, and this is ``nnx.Nothing()``.
         """
-        return AdapterParam
+        return AdapterParam if self._trainable else nnx.Nothing()
 
     def adapters(self) -> list[AdapterInfo]:
         """Every adapted weight: module path (relative to ``self.model``), name and shapes."""
@@ -142,8 +154,16 @@ class PeftModel(nnx.Module):
             gradients taken w.r.t. ``self.trainable_filter``.
 
         Raises:
-            NothingTrainableError: The model has no trainable variable.
+            NothingTrainableError: The model has no trainable variable, or was
+                loaded for inference.
         """
+        if not self._trainable:
+            raise NothingTrainableError(
+                "This PeftModel was loaded for inference (trainable=False), so its adapters "
+                "are frozen and make_optimizer has nothing to optimise. To train, load it for "
+                "training: PeftModel.from_pretrained(base_model, path, *sample_inputs, "
+                "rngs=..., trainable=True), or model.load_adapter(path, trainable=True)."
+            )
         if not nnx.state(self, self.trainable_filter):
             raise NothingTrainableError(
                 "make_optimizer found no trainable variable in this PeftModel (no "
@@ -162,7 +182,8 @@ class PeftModel(nnx.Module):
         Returns:
             ``(graphdef, trainable, rest)``.
         """
-        return nnx.split(self, self.trainable_filter, ...)
+        graphdef, trainable, *rest = nnx.split(self, self.trainable_filter, ...)
+        return graphdef, trainable, rest[0]
 
     def trainable_parameters(self) -> ParameterSummary:
         """Trainable and total parameter counts, with one entry per adapted weight."""
@@ -171,6 +192,384 @@ class PeftModel(nnx.Module):
     def print_trainable_parameters(self) -> None:
         """Prints the per-target table and the trainable fraction."""
         print(self.trainable_parameters().format())
+
+    def merge_and_unload(self, *, dtype: Any = None) -> nnx.Module:
+        """A plain model of the base model's class with every adapter folded into its weight.
+
+        Each adapted weight becomes ``W + (alpha / rank) * delta``, ``delta``
+        being ``A @ B`` laid out like ``W``, so the result computes what this
+        model computes (up to rounding) with the base model's cost. This
+        wrapper is not changed; weights without an adapter share its buffers.
+
+        Args:
+            dtype: Dtype of the merged weights. ``None`` keeps each weight's
+                own dtype; a QLoRA weight is dequantized, into the dtype of its
+                quantization scale (the dtype it had before quantization)
+                unless ``dtype`` says otherwise.
+
+        Returns:
+            An ``nnx.Module`` of the base model's class and structure: no
+            interception, no adapter variables.
+
+        Raises:
+            DtypeError: ``dtype`` is not a floating-point dtype.
+            UnmergeableAdapterError: An adapter's update has no exact form as a
+                weight change (a grouped convolution, or a weight the module
+                transforms before its matmul).
+            AdapterStateError: Called inside ``disable_adapter()``.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from flax import nnx
+            >>> import nnx_peft
+            >>> base = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+            >>> config = nnx_peft.LoraConfig(rank=2, alpha=4.0, target=".*")
+            >>> model = nnx_peft.PeftModel(base, config, jnp.ones((1, 4)), rngs=nnx.Rngs(1))
+            >>> plain = model.merge_and_unload()
+            >>> type(plain) is nnx.Linear
+            True
+        """
+        return _merging.merge_and_unload(self.model, dtype=dtype)
+
+    @property
+    def merged(self) -> bool:
+        """Whether the adapters are merged into the base weights (:meth:`merge_adapter`)."""
+        return _merging.is_merged(self.model)
+
+    def merge_adapter(self) -> None:
+        """Folds the adapters into the base weights in place; :meth:`unmerge_adapter` undoes it.
+
+        While merged, the forward pass costs what the base model's does, the
+        original weights are kept for an exact unmerge, and taking gradients
+        with respect to the adapters raises ``AdapterStateError``: unmerge
+        before training. A QLoRA weight is dequantized, updated and quantized
+        again, so its merged outputs differ from the unmerged ones by up to
+        the quantization's own rounding; use :meth:`merge_and_unload` for an
+        exact float model.
+
+        Raises:
+            AdapterStateError: Already merged, or inside ``disable_adapter()``.
+            UnmergeableAdapterError: An adapter's update has no exact form as a
+                weight change.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from flax import nnx
+            >>> import nnx_peft
+            >>> base = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+            >>> config = nnx_peft.LoraConfig(rank=2, alpha=4.0, target=".*")
+            >>> model = nnx_peft.PeftModel(base, config, jnp.ones((1, 4)), rngs=nnx.Rngs(1))
+            >>> model.merge_adapter()
+            >>> model.merged
+            True
+            >>> model.unmerge_adapter()
+            >>> model.merged
+            False
+        """
+        _merging.merge_adapter(self.model)
+
+    def unmerge_adapter(self) -> None:
+        """Takes the adapters out of the base weights, restoring them bit for bit.
+
+        Raises:
+            AdapterStateError: Not merged, or inside ``disable_adapter()``.
+        """
+        _merging.unmerge_adapter(self.model)
+
+    def disable_adapter(self) -> contextlib.AbstractContextManager[None]:
+        """A context in which the model computes exactly what the base model computes.
+
+        The adapters are restored when the block ends, also when it raises;
+        merged adapters are unmerged for the block and merged again after it.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from flax import nnx
+            >>> import nnx_peft
+            >>> base = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+            >>> config = nnx_peft.LoraConfig(rank=2, alpha=4.0, target=".*")
+            >>> model = nnx_peft.PeftModel(base, config, jnp.ones((1, 4)), rngs=nnx.Rngs(1))
+            >>> x = jnp.ones((2, 4))
+            >>> with model.disable_adapter():
+            ...     bool((model(x) == base(x)).all())
+            True
+        """
+        return _merging.disable_adapter(self.model)
+
+    # --- Checkpoints: nnx_peft/_checkpoint.py (Orbax), nnx_peft/_safetensors.py ---
+
+    def save_adapter(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+        """Saves the adapter weights and their JSON description with Orbax, atomically.
+
+        ``path`` becomes an Orbax ``CheckpointManager`` directory with one step.
+        Its ``adapter`` item holds the adapter weights keyed by variable path
+        relative to ``self.model``; its ``description`` item is JSON: the full
+        ``LoraConfig``, the nnx_peft version, every adapter's module path,
+        shapes and dtype, and each array's checksum. The base weights are not
+        saved. See ``docs/checkpoints.md``.
+
+        Args:
+            path: A directory that does not exist, is empty, or holds an adapter
+                checkpoint to replace.
+            overwrite: Replace an adapter checkpoint already at ``path``. The new
+                one is complete on disk before the old one is deleted, so an
+                interrupted save leaves the old one loadable.
+
+        Raises:
+            CheckpointExistsError: ``path`` holds a checkpoint and ``overwrite``
+                is False; or ``path`` is a file or a directory with other
+                content, which is never replaced.
+
+        Example:
+            >>> import tempfile
+            >>> import jax.numpy as jnp
+            >>> from flax import nnx
+            >>> import nnx_peft
+            >>> base = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+            >>> config = nnx_peft.LoraConfig(rank=2, alpha=4.0, target=".*")
+            >>> model = nnx_peft.PeftModel(base, config, jnp.ones((1, 4)), rngs=nnx.Rngs(1))
+            >>> tmp = tempfile.TemporaryDirectory()
+            >>> model.save_adapter(f"{tmp.name}/adapter")
+            >>> loaded = nnx_peft.PeftModel.from_pretrained(
+            ...     base, f"{tmp.name}/adapter", jnp.ones((1, 4)), rngs=nnx.Rngs(2)
+            ... )
+            >>> bool((loaded(jnp.ones((2, 4))) == model(jnp.ones((2, 4)))).all())
+            True
+            >>> tmp.cleanup()
+        """
+        _checkpoint.save_adapter(self, path, overwrite=overwrite)
+
+    def load_adapter(
+        self, path: str | os.PathLike[str], *, step: int | None = None, trainable: bool = False
+    ) -> None:
+        """Loads an adapter checkpoint into this wrapper, after checking all of it.
+
+        The checkpoint must be an nnx_peft checkpoint saved with a ``LoraConfig``
+        equal to ``self.config``, hold exactly this model's adapter arrays with
+        the same shapes and dtypes (nothing is cast), and every array must
+        match its checksum. All of this is checked before anything changes:
+        if a check fails, the model is left exactly as it was.
+
+        Args:
+            path: A directory written by :meth:`save_adapter` (or by
+                :meth:`save_training_checkpoint`, whose adapters are loaded).
+            step: The step to load; ``None`` loads the newest.
+            trainable: ``False`` loads for inference: ``self.eval()``, and the
+                adapters are frozen (:attr:`trainable_filter` selects nothing and
+                :meth:`make_optimizer` raises). ``True`` loads for further
+                training: ``self.train()``, adapters trainable.
+
+        Raises:
+            NotACheckpointError: No nnx_peft checkpoint, or no such step, at ``path``.
+            CorruptCheckpointError: Its files are unreadable or malformed, or
+                fail their checksums.
+            ConfigMismatchError: It was saved with another ``LoraConfig``; the
+                message names the differing fields.
+            CheckpointMismatchError: Arrays are missing, unexpected, or of another
+                shape or dtype; the message lists their paths.
+            AdapterStateError: The adapters are merged; unmerge them first.
+        """
+        _checkpoint.load_adapter(self, path, step=step)
+        self._set_trainable(trainable)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base_model: nnx.Module,
+        path: str | os.PathLike[str],
+        *sample_args: Any,
+        rngs: nnx.Rngs,
+        step: int | None = None,
+        trainable: bool = False,
+        **sample_kwargs: Any,
+    ) -> PeftModel:
+        """Wraps ``base_model`` with the config saved at ``path`` and loads the saved adapters.
+
+        Rank, alpha, targets, dropout and quantization all come from the
+        checkpoint. ``base_model`` is not modified.
+
+        Args:
+            base_model: A model of the architecture the adapters were trained
+                on, with the same base weights (they are not in the checkpoint).
+            path: A directory written by :meth:`save_adapter` or
+                :meth:`save_training_checkpoint`.
+            *sample_args: Sample positional inputs, as for :class:`PeftModel`.
+            rngs: Random state, as for :class:`PeftModel` (the initial adapter
+                values are replaced; dropout streams start from it).
+            step: The step to load; ``None`` loads the newest.
+            trainable: ``False`` loads for inference, ``True`` for further
+                training; see :meth:`load_adapter`.
+            **sample_kwargs: Sample keyword inputs, as for :class:`PeftModel`.
+
+        Returns:
+            A new :class:`PeftModel` holding the saved adapters.
+
+        Raises:
+            ConfigMismatchError: The saved config does not fit ``base_model``
+                (e.g. a target pattern matches none of its modules).
+            NotACheckpointError: As for :meth:`load_adapter`.
+            CorruptCheckpointError: As for :meth:`load_adapter`.
+            CheckpointMismatchError: As for :meth:`load_adapter`.
+            NotAModuleError: As for :class:`PeftModel` (likewise ``AlreadyWrappedError``,
+                ``RngsError`` and ``SampleInputsError``).
+        """
+        model = _checkpoint.from_pretrained(
+            cls, base_model, path, sample_args, sample_kwargs, rngs=rngs, step=step
+        )
+        model._set_trainable(trainable)
+        return model
+
+    def save_training_checkpoint(
+        self, manager: ocp.AbstractCheckpointManager, step: int, optimizer: nnx.Optimizer
+    ) -> bool:
+        """Saves adapters, optimizer state and other model state as ``step`` of ``manager``.
+
+        Restoring it with :meth:`restore_training_checkpoint` and feeding the
+        same data from ``step`` on gives the same parameters as training
+        straight through. Each step holds the ``adapter`` and ``description``
+        items of :meth:`save_adapter`, plus ``optimizer`` (every array of
+        ``optimizer``: step count and optax state) and ``model_state`` (the
+        wrapped model's array variables that are not ``nnx.Param``, e.g.
+        dropout RNG state). Base weights are not saved. ``manager`` decides
+        which steps are saved and kept (keep the last 3 with
+        ``preservation_policy=ocp.checkpoint_managers.LatestN(3)``) and whether
+        saving is asynchronous (then call ``manager.wait_until_finished()``
+        before reading). A step is committed atomically.
+
+        Args:
+            manager: An ``orbax.checkpoint.CheckpointManager`` on the checkpoint directory.
+            step: The training step.
+            optimizer: The optimizer training this model, e.g. from :meth:`make_optimizer`.
+
+        Returns:
+            Whether a save was started: ``False`` when ``manager``'s policy skips
+            ``step``, and for a step not newer than the newest saved one (Orbax
+            never overwrites a step).
+
+        Example:
+            >>> import tempfile
+            >>> import jax.numpy as jnp
+            >>> import optax
+            >>> import orbax.checkpoint as ocp
+            >>> from flax import nnx
+            >>> import nnx_peft
+            >>> base = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+            >>> config = nnx_peft.LoraConfig(rank=2, alpha=4.0, target=".*")
+            >>> model = nnx_peft.PeftModel(base, config, jnp.ones((1, 4)), rngs=nnx.Rngs(1))
+            >>> optimizer = model.make_optimizer(optax.adam(1e-3))
+            >>> tmp = tempfile.TemporaryDirectory()
+            >>> options = ocp.CheckpointManagerOptions(
+            ...     preservation_policy=ocp.checkpoint_managers.LatestN(3)
+            ... )
+            >>> with ocp.CheckpointManager(tmp.name, options=options) as manager:
+            ...     model.save_training_checkpoint(manager, 100, optimizer)
+            ...     manager.wait_until_finished()
+            ...     model.restore_training_checkpoint(manager, optimizer)
+            True
+            100
+            >>> tmp.cleanup()
+        """
+        return _checkpoint.save_training_checkpoint(self, manager, step, optimizer)
+
+    def restore_training_checkpoint(
+        self,
+        manager: ocp.AbstractCheckpointManager,
+        optimizer: nnx.Optimizer,
+        *,
+        step: int | None = None,
+    ) -> int:
+        """Restores a :meth:`save_training_checkpoint` step into this model and ``optimizer``.
+
+        Checked as fully as :meth:`load_adapter`, for the optimizer and model
+        state too, before anything changes. Build the model with the same
+        config (or with :meth:`from_pretrained` and ``trainable=True``) and the
+        optimizer with the same optax transformation, then restore, then go on
+        from the returned step.
+
+        Args:
+            manager: An ``orbax.checkpoint.CheckpointManager`` on the checkpoint directory.
+            optimizer: The optimizer to restore into, e.g. from :meth:`make_optimizer`.
+            step: The step to restore; ``None`` restores the newest.
+
+        Returns:
+            The restored step.
+
+        Raises:
+            NotACheckpointError: No such step, or it holds no optimizer state (a
+                :meth:`save_adapter` checkpoint).
+            CorruptCheckpointError: As for :meth:`load_adapter`.
+            ConfigMismatchError: As for :meth:`load_adapter`.
+            CheckpointMismatchError: As for :meth:`load_adapter`; a different optax
+                transformation shows as mismatched ``optimizer`` arrays.
+            AdapterStateError: As for :meth:`load_adapter`.
+        """
+        return _checkpoint.restore_training_checkpoint(self, manager, optimizer, step=step)
+
+    def save_safetensors(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+        """Exports the adapter weights to one safetensors file, for tools outside JAX.
+
+        Tensors are keyed by variable path relative to ``self.model`` (e.g.
+        ``layers/0/attn/q_proj/kernel_lora_a``); the file's metadata holds the
+        JSON description under ``'nnx_peft'``. Written under a temporary name
+        and renamed over ``path`` when complete. Needs the optional
+        ``safetensors`` package (``pip install 'nnx_peft[safetensors]'``).
+
+        Args:
+            path: The file to write.
+            overwrite: Replace an existing file at ``path``.
+
+        Raises:
+            MissingDependencyError: safetensors is not installed.
+            CheckpointExistsError: ``path`` exists and ``overwrite`` is False, or
+                is a directory.
+
+        Example:
+            >>> import tempfile
+            >>> import jax.numpy as jnp
+            >>> from flax import nnx
+            >>> import nnx_peft
+            >>> base = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+            >>> config = nnx_peft.LoraConfig(rank=2, alpha=4.0, target=".*")
+            >>> model = nnx_peft.PeftModel(base, config, jnp.ones((1, 4)), rngs=nnx.Rngs(1))
+            >>> tmp = tempfile.TemporaryDirectory()
+            >>> model.save_safetensors(f"{tmp.name}/adapter.safetensors")
+            >>> model.load_safetensors(f"{tmp.name}/adapter.safetensors", trainable=True)
+            >>> tmp.cleanup()
+        """
+        _safetensors.save_safetensors(self, path, overwrite=overwrite)
+
+    def load_safetensors(self, path: str | os.PathLike[str], *, trainable: bool = False) -> None:
+        """Loads adapter weights from a safetensors file, after checking all of it.
+
+        Keys, shapes and dtypes must match this model's adapters exactly. A
+        file written by :meth:`save_safetensors` is also checked for its
+        ``LoraConfig`` and checksums, like :meth:`load_adapter`; a file from
+        another tool, without that description, only for keys, shapes and
+        dtypes. If a check fails, the model is left exactly as it was.
+
+        Args:
+            path: The safetensors file.
+            trainable: ``False`` loads for inference, ``True`` for further
+                training; see :meth:`load_adapter`.
+
+        Raises:
+            MissingDependencyError: safetensors is not installed.
+            NotACheckpointError: There is no file at ``path``.
+            CorruptCheckpointError: It is not a readable safetensors file, or
+                disagrees with its own description.
+            ConfigMismatchError, CheckpointMismatchError, AdapterStateError:
+                As for :meth:`load_adapter`.
+        """
+        _safetensors.load_safetensors(self, path)
+        self._set_trainable(trainable)
+
+    def _set_trainable(self, trainable: bool) -> None:
+        """Unfreezes the adapters and sets training mode, or freezes them and sets eval mode."""
+        self._trainable = trainable
+        if trainable:
+            self.train()
+        else:
+            self.eval()
 
 
 def merge(graphdef: nnx.GraphDef[PeftModel], trainable: nnx.State, rest: nnx.State) -> PeftModel:
@@ -192,4 +591,7 @@ def merge(graphdef: nnx.GraphDef[PeftModel], trainable: nnx.State, rest: nnx.Sta
         >>> bool((same(jnp.ones((1, 4))) == model(jnp.ones((1, 4)))).all())
         True
     """
-    return nnx.merge(graphdef, trainable, rest)
+    # copy=True: the model gets Variables of its own, so it can be built from states
+    # traced outside the current transform (``rest`` inside ``jax.grad``, say) and
+    # still update its RNG counters and batch statistics there.
+    return nnx.merge(graphdef, trainable, rest, copy=True)

@@ -30,7 +30,7 @@ def test_all_errors_share_a_base_class() -> None:
         obj = getattr(nnx_peft, name)
         if isinstance(obj, type) and issubclass(obj, Exception) and obj is not nnx_peft.PeftError:
             assert issubclass(obj, nnx_peft.PeftError)
-            assert issubclass(obj, ValueError | TypeError)
+            assert issubclass(obj, ValueError | TypeError | ImportError)
 
 
 @pytest.mark.parametrize("not_a_module", [lambda x: x, nn.Dense(3), {"kernel": jnp.ones(2)}])

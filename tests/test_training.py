@@ -91,9 +91,13 @@ def test_training_changes_only_trainable_leaves_and_lowers_the_loss() -> None:
 @pytest.mark.parametrize(
     "tx", [optax.adamw(1e-2), optax.sgd(0.5, momentum=0.9)], ids=["adamw", "sgd"]
 )
-def test_nnx_jit_loop_and_pure_jax_loop_agree(tx: optax.GradientTransformation) -> None:
-    nnx_losses = _train_nnx(model_a := _model(), tx)
-    pure_losses, model_b = _train_pure(_model(), tx)
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_nnx_jit_loop_and_pure_jax_loop_agree(
+    tx: optax.GradientTransformation, dropout: float
+) -> None:
+    # With dropout, both loops must also draw the same masks (RNG state threaded through).
+    nnx_losses = _train_nnx(model_a := _model(dropout=dropout), tx)
+    pure_losses, model_b = _train_pure(_model(dropout=dropout), tx)
     np.testing.assert_allclose(pure_losses, nnx_losses, rtol=1e-5)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6),
