@@ -129,6 +129,7 @@ class MLP(nnx.Module):
 
     def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs) -> None:
         d, f = cfg.embed_dim, cfg.mlp_dim
+
         def linear(n_in: int, n_out: int) -> nnx.Linear:
             return nnx.Linear(
                 n_in, n_out, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.dtype, rngs=rngs
