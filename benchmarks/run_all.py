@@ -1,0 +1,31 @@
+"""Runs every benchmark, one process each, and prints their reports in order.
+
+Run: python benchmarks/run_all.py [--smoke]   (arguments are passed to each benchmark)
+
+Each benchmark runs in its own process so that one's compiled functions and memory do
+not disturb the next one's measurements. Exits non-zero if any benchmark fails.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+BENCHMARKS = ("bench_training.py", "bench_merging.py", "bench_memory.py", "bench_checkpoint.py")
+
+
+def main() -> int:
+    here = pathlib.Path(__file__).parent
+    failed = []
+    for name in BENCHMARKS:
+        print(f"\n===== {name} {' '.join(sys.argv[1:])}", flush=True)
+        if subprocess.run([sys.executable, str(here / name), *sys.argv[1:]]).returncode:
+            failed.append(name)
+    if failed:
+        print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
