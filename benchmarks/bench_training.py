@@ -5,6 +5,7 @@ Prints, for the decoder of `Sizes` (default: 4 layers, width 512, MLP 1536, 8 he
 
 - LoRA train step / full fine-tune step (adamw, same model);
 - nnx_peft LoRA step / hand-written Qwix LoRA step;
+- DoRA train step / LoRA train step (same targets and rank; HF PEFT's DoRA is about 2x);
 - adapted (unmerged) forward / base forward;
 - optimizer state bytes / trainable bytes (adamw);
 - QLoRA nf4 base-weight bytes / float32 base-weight bytes (adapted weights);
@@ -57,6 +58,10 @@ def main() -> None:
     block(nnx.state(lora))
     wrap_time = time.perf_counter() - start
     lora_opt = lora.make_optimizer(optax.adamw(1e-4))
+    dora = nnx_peft.PeftModel(
+        sizes.decoder(), sizes.lora_config(use_dora=True), sample, rngs=nnx.Rngs(1)
+    )
+    dora_opt = dora.make_optimizer(optax.adamw(1e-4))
 
     by_hand = qwix.apply_lora_to_model(
         sizes.decoder(),
@@ -69,6 +74,7 @@ def main() -> None:
     full_step = train_step_fn(nnx.Param)
     lora_step = train_step_fn(lora.trainable_filter)
     hand_step = train_step_fn(nnx.LoRAParam)
+    dora_step = train_step_fn(dora.trainable_filter)
     base = sizes.decoder()
     forward = nnx.jit(lambda model, x: model(x))
 
@@ -81,6 +87,7 @@ def main() -> None:
             "full": lambda: full_step(full, full_opt, tokens),
             "lora": lambda: lora_step(lora, lora_opt, tokens),
             "qwix": lambda: hand_step(by_hand, by_hand_opt, tokens),
+            "dora": lambda: dora_step(dora, dora_opt, tokens),
             "base_fwd": lambda: forward(base, tokens[:, :-1]),
             "lora_fwd": lambda: forward(lora, tokens[:, :-1]),
         },
@@ -107,6 +114,7 @@ def main() -> None:
         f"| nnx_peft LoRA step / hand-written Qwix LoRA step | {ratio(times, 'lora', 'qwix')} "
         "| <= 1.02 |"
     )
+    print(f"| DoRA train step / LoRA train step | {ratio(times, 'dora', 'lora')} | <= 1.3 |")
     print(
         f"| adapted forward (unmerged) / base forward | {ratio(times, 'lora_fwd', 'base_fwd')} "
         "| <= 1.10 |"

@@ -1,5 +1,6 @@
 """nnx_peft: LoRA-family fine-tuning for any Flax NNX model, on top of Qwix."""
 
+from nnx_peft._config import INIT_METHODS as INIT_METHODS
 from nnx_peft._config import WEIGHT_QTYPES as WEIGHT_QTYPES
 from nnx_peft._config import LoraConfig as LoraConfig
 from nnx_peft._errors import AdapterStateError as AdapterStateError
@@ -19,6 +20,7 @@ from nnx_peft._errors import PeftError as PeftError
 from nnx_peft._errors import QuantizationError as QuantizationError
 from nnx_peft._errors import RngsError as RngsError
 from nnx_peft._errors import SampleInputsError as SampleInputsError
+from nnx_peft._errors import ShardingError as ShardingError
 from nnx_peft._errors import TargetNotFoundError as TargetNotFoundError
 from nnx_peft._errors import UnmergeableAdapterError as UnmergeableAdapterError
 from nnx_peft._errors import UnsupportedLayerError as UnsupportedLayerError
@@ -26,13 +28,18 @@ from nnx_peft._injection import AdapterInfo as AdapterInfo
 from nnx_peft._peft_model import PeftModel as PeftModel
 from nnx_peft._peft_model import merge as merge
 from nnx_peft._summary import ParameterSummary as ParameterSummary
+from nnx_peft._targeting import ModuleTarget as ModuleTarget
+from nnx_peft._targeting import TargetReport as TargetReport
+from nnx_peft._targeting import inspect_targets as inspect_targets
 from nnx_peft._variables import FROZEN_PARAMS as FROZEN_PARAMS
 from nnx_peft._variables import AdapterParam as AdapterParam
+from nnx_peft._variables import SavedParam as SavedParam
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FROZEN_PARAMS",
+    "INIT_METHODS",
     "WEIGHT_QTYPES",
     "AdapterInfo",
     "AdapterParam",
@@ -46,6 +53,7 @@ __all__ = [
     "DtypeError",
     "LoraConfig",
     "MissingDependencyError",
+    "ModuleTarget",
     "NoAdapterCreatedError",
     "NotACheckpointError",
     "NotAModuleError",
@@ -56,8 +64,12 @@ __all__ = [
     "QuantizationError",
     "RngsError",
     "SampleInputsError",
+    "SavedParam",
+    "ShardingError",
     "TargetNotFoundError",
+    "TargetReport",
     "UnmergeableAdapterError",
     "UnsupportedLayerError",
+    "inspect_targets",
     "merge",
 ]

@@ -37,14 +37,15 @@ from nnx_peft._checkpoint_format import (
     DESCRIPTION,
     MODEL_STATE,
     OPTIMIZER,
-    SAVED_WEIGHTS,
     ArraySpec,
+    adapter_variables,
     array_variables,
     assign,
     check_config,
     check_fit,
     describe,
     flatten,
+    model_state_variables,
     nest,
     parse_description,
     quote,
@@ -200,7 +201,7 @@ def restore_into(
 
 
 def _adapter_variables(model: PeftModel) -> dict[str, dict[str, nnx.Variable[Any]]]:
-    return {ADAPTER: array_variables(model.model, SAVED_WEIGHTS)}
+    return {ADAPTER: adapter_variables(model)}
 
 
 def _existing_step(directory: epath.Path) -> int | None:
@@ -343,7 +344,7 @@ def _training_variables(
     return {
         **_adapter_variables(model),
         OPTIMIZER: array_variables(optimizer, nnx.Variable),
-        MODEL_STATE: array_variables(model.model, nnx.Not(nnx.Param)),
+        MODEL_STATE: model_state_variables(model),
     }
 
 

@@ -6,7 +6,8 @@ export (``_safetensors.py``). A description is JSON:
 - ``format``, ``format_version``: what this is, so anything else is refused;
 - ``nnx_peft_version``, ``base_model``: who wrote it, from which model class;
 - ``config``: the full ``LoraConfig`` (``LoraConfig.to_dict()``);
-- ``adapters``: every adapter's module path, weight, factor shapes and dtype;
+- ``adapters``: every adapter's module path, weight, factor shapes, dtype,
+  rank, scale, variant and (DoRA) magnitude shape;
 - ``arrays``: per stored item (``adapter``, and for training checkpoints
   ``optimizer`` and ``model_state``) and per variable path relative to the
   wrapped model, the ``shape``, ``dtype`` and ``checksum`` of the array.
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nnx_peft import _saved_modules
 from nnx_peft._config import LoraConfig
 from nnx_peft._errors import (
     AdapterStateError,
@@ -38,7 +40,7 @@ from nnx_peft._errors import (
 )
 from nnx_peft._injection import path_string
 from nnx_peft._qwix_bridge import unwrapped_type
-from nnx_peft._variables import AdapterParam
+from nnx_peft._variables import AdapterParam, InitialFactor
 
 if TYPE_CHECKING:
     from nnx_peft._peft_model import PeftModel
@@ -50,7 +52,8 @@ FORMAT_VERSION = 1
 #: Orbax item names inside a step directory.
 ADAPTER, DESCRIPTION, OPTIMIZER, MODEL_STATE = "adapter", "description", "optimizer", "model_state"
 
-#: The weights an adapter checkpoint holds: every adapter nnx_peft created.
+#: The weights an adapter checkpoint holds: every adapter nnx_peft created (factors, DoRA
+#: magnitudes, parameters of ``modules_to_save``); see :func:`adapter_variables`.
 SAVED_WEIGHTS = AdapterParam
 
 _LISTED = 20  # offending paths quoted in an error message; the exception keeps them all
@@ -77,6 +80,31 @@ def array_variables(node: Any, where: nnx.filterlib.Filter) -> dict[str, nnx.Var
         if isinstance(value, nnx.Variable)
         and predicate(path, value)
         and isinstance(value.get_value(), jax.Array)
+    }
+
+
+def adapter_variables(model: PeftModel) -> dict[str, nnx.Variable[Any]]:
+    """What an adapter checkpoint holds, by path relative to ``model.model``.
+
+    Every :data:`SAVED_WEIGHTS` variable, and the other array state of the
+    ``modules_to_save`` (their batch statistics, say), which training changes
+    too. Never a base weight: a PiSSA or OLoRA residual is recomputed from the
+    base weights when the checkpoint is loaded.
+    """
+    return {**array_variables(model.model, SAVED_WEIGHTS), **_saved_modules.state(model.model)}
+
+
+def model_state_variables(model: PeftModel) -> dict[str, nnx.Variable[Any]]:
+    """The other array variables a training checkpoint holds (RNG state, batch statistics).
+
+    Those of :func:`adapter_variables` are left out, and so are the initial
+    factors of PiSSA and OLoRA adapters, which the base weights determine.
+    """
+    saved = adapter_variables(model)
+    return {
+        path: variable
+        for path, variable in array_variables(model.model, nnx.Not(nnx.Param)).items()
+        if path not in saved and not isinstance(variable, InitialFactor)
     }
 
 
@@ -182,6 +210,9 @@ def describe(model: PeftModel, arrays: Mapping[str, Mapping[str, jax.Array]]) ->
                 **dataclasses.asdict(info),
                 "a_shape": list(info.a_shape),
                 "b_shape": list(info.b_shape),
+                "magnitude_shape": (
+                    None if info.magnitude_shape is None else list(info.magnitude_shape)
+                ),
             }
             for info in model.adapters()
         ],

@@ -5,13 +5,21 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from nnx_peft._errors import ConfigError
+from nnx_peft._variants import scaling
 
 #: Base-weight quantization types accepted for QLoRA (names Qwix understands).
 WEIGHT_QTYPES: tuple[str, ...] = ("nf4", "int4", "int8", "float8_e4m3fn")
+
+#: Initialisations of the adapter factors (``LoraConfig.init``); see ``docs/variants.md``.
+INIT_METHODS: tuple[str, ...] = ("default", "gaussian", "pissa", "olora")
+
+#: ``LoraConfig.target`` shortcut: every module that multiplies by its own weight, except
+#: the output head (see ``docs/variants.md#all-linear``).
+ALL_LINEAR = "all-linear"
 
 
 def _patterns(field: str, value: object, *, allow_empty: bool) -> tuple[str, ...]:
@@ -46,6 +54,52 @@ def _patterns(field: str, value: object, *, allow_empty: bool) -> tuple[str, ...
     return patterns  # type: ignore[return-value]
 
 
+def _pattern_values(
+    field: str, value: object, valid: Any, expected: str, example: str
+) -> tuple[tuple[str, Any], ...]:
+    """Normalises a ``{regex: value}`` mapping (or a sequence of pairs) to ordered pairs."""
+    items: tuple[Any, ...] = (None,)  # reported below
+    if isinstance(value, Mapping):
+        items = tuple(value.items())
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        items = tuple(value)
+    if not all(isinstance(item, tuple | list) and len(item) == 2 for item in items):
+        raise ConfigError(
+            f"LoraConfig.{field} must map module-path regexes to values, as a dict (first "
+            f"match wins, in order) or a sequence of (regex, value) pairs; got "
+            f"{type(value).__name__} {value!r}. Example: {field}={example}."
+        )
+    pairs = tuple((pattern, v) for pattern, v in items)
+    _patterns(field, [pattern for pattern, _ in pairs], allow_empty=True)
+    seen: set[str] = set()
+    for pattern, v in pairs:
+        if pattern in seen:
+            raise ConfigError(
+                f"LoraConfig.{field} lists the regex {pattern!r} twice; the first match wins, "
+                "so the second could never apply. Keep one entry per regex."
+            )
+        seen.add(pattern)
+        if not valid(v):
+            raise ConfigError(
+                f"LoraConfig.{field}[{pattern!r}] must be {expected}; got {v!r}. "
+                f"Example: {field}={example}."
+            )
+    return pairs
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _positive_float(value: object) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoraConfig:
     """Which modules get LoRA adapters, and their rank, scaling and dropout.
@@ -56,19 +110,38 @@ class LoraConfig:
     (``re.fullmatch``) and no ``exclude`` pattern does. Inside an adapted
     module, every ``dot_general``, two-operand ``einsum`` and
     ``conv_general_dilated`` whose weight is an ``nnx.Param`` of that module
-    gets a low-rank update ``W + (alpha / rank) * A @ B``.
+    gets a low-rank update ``W + (alpha / rank) * A @ B``. Variants
+    (rsLoRA, DoRA, PiSSA and OLoRA initialisation, per-module rank and alpha,
+    fully trained ``modules_to_save``) are described in ``docs/variants.md``.
 
     Args:
         rank: Rank ``r`` of the update, a positive integer.
-        alpha: Scaling numerator; the update is scaled by ``alpha / rank``.
+        alpha: Scaling numerator; the update is scaled by ``alpha / rank``
+            (``alpha / sqrt(rank)`` with ``use_rslora``).
         dropout: Dropout rate on the adapter input, in ``[0, 1)``. It follows
             NNX's ``model.train()`` / ``model.eval()``.
-        target: Regex (or list of regexes) selecting module paths to adapt.
+        target: Regex (or list of regexes) selecting module paths to adapt, or
+            ``'all-linear'``: every module that multiplies by its own weight,
+            except the output head.
         exclude: Regex (or list) of module paths never adapted, even if targeted.
         weight_qtype: Quantize the adapted modules' base weights (QLoRA), one
             of ``WEIGHT_QTYPES``; ``None`` keeps them in their own dtype.
         tile_size: Sub-channel quantization tile along the innermost
             contracting axis; needs ``weight_qtype`` and must divide that axis.
+        use_rslora: Scale updates by ``alpha / sqrt(rank)`` (rank-stabilised
+            LoRA) instead of ``alpha / rank``.
+        use_dora: Weight-decomposed updates (DoRA): a trained magnitude per
+            output feature times the direction ``W + scale * A @ B``.
+        init: How A and B start, one of ``INIT_METHODS``: ``'default'`` (A
+            He-uniform, B zero), ``'gaussian'`` (A normal with std ``1 / rank``,
+            B zero), ``'pissa'`` (principal singular vectors of the weight) or
+            ``'olora'`` (QR of the weight). PiSSA and OLoRA replace the adapted
+            weights by the residual ``W - scale * A @ B`` in the wrapper.
+        rank_pattern: ``{regex: rank}`` overriding ``rank`` for the module paths
+            a regex matches in full; the first matching regex wins.
+        alpha_pattern: ``{regex: alpha}`` overriding ``alpha`` likewise.
+        modules_to_save: Regex (or list) of module paths trained in full next to
+            the adapters (a classification head, a norm, an embedding).
 
     Raises:
         ConfigError: A field holds an invalid value; the message names it.
@@ -87,6 +160,12 @@ class LoraConfig:
     exclude: str | Sequence[str] = ()
     weight_qtype: str | None = None
     tile_size: int | None = None
+    use_rslora: bool = False
+    use_dora: bool = False
+    init: str = "default"
+    rank_pattern: Mapping[str, int] | Sequence[tuple[str, int]] = ()
+    alpha_pattern: Mapping[str, float] | Sequence[tuple[str, float]] = ()
+    modules_to_save: str | Sequence[str] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -138,17 +217,66 @@ class LoraConfig:
                     "tiles the base-weight quantization; set weight_qtype='nf4' (or another "
                     "of WEIGHT_QTYPES) or drop tile_size."
                 )
+        self._check_variants()
+
+    def _check_variants(self) -> None:
+        """Validates and normalises the variant fields (rsLoRA, DoRA, init, patterns, saving)."""
+        if ALL_LINEAR in self.target and len(self.target) > 1:
+            raise ConfigError(
+                f"LoraConfig.target={list(self.target)} mixes {ALL_LINEAR!r} with regexes; "
+                f"{ALL_LINEAR!r} stands alone. Use target={ALL_LINEAR!r} with exclude=[...] to "
+                "leave modules out, or list regexes only."
+            )
+        for field in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, field), bool):
+                raise ConfigError(
+                    f"LoraConfig.{field} must be True or False; got {getattr(self, field)!r}. "
+                    f"Example: {field}=True."
+                )
+        if self.init not in INIT_METHODS:
+            raise ConfigError(
+                f"LoraConfig.init must be one of {INIT_METHODS}; got {self.init!r}. Use "
+                "'default' (B = 0), or 'pissa' to start from the weight's principal components."
+            )
+        if self.init in ("pissa", "olora") and self.weight_qtype is not None:
+            raise ConfigError(
+                f"LoraConfig.init={self.init!r} with weight_qtype={self.weight_qtype!r}: "
+                f"{self.init} replaces each adapted weight by a float residual, which a QLoRA "
+                "base would have to quantize again. Use init='default' with QLoRA, or "
+                "weight_qtype=None."
+            )
+        ranks = _pattern_values(
+            "rank_pattern", self.rank_pattern, _positive_int, "a positive int", "{r'.*mlp.*': 16}"
+        )
+        alphas = _pattern_values(
+            "alpha_pattern",
+            self.alpha_pattern,
+            _positive_float,
+            "a positive finite number",
+            "{r'.*mlp.*': 32.0}",
+        )
+        object.__setattr__(self, "rank_pattern", ranks)
+        object.__setattr__(self, "alpha_pattern", tuple((p, float(a)) for p, a in alphas))
+        object.__setattr__(
+            self,
+            "modules_to_save",
+            _patterns("modules_to_save", self.modules_to_save, allow_empty=True),
+        )
 
     @property
     def scale(self) -> float:
-        """The factor applied to the low-rank update: ``alpha / rank``."""
-        return self.alpha / self.rank
+        """The factor of the low-rank update: ``alpha / rank`` (``alpha / sqrt(rank)`` with
+        ``use_rslora``), for modules without a ``rank_pattern`` or ``alpha_pattern`` entry."""
+        return scaling(self.use_rslora)(self.alpha, self.rank)
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the fields as JSON-compatible data (lists for pattern tuples)."""
         data = dataclasses.asdict(self)
         data["target"] = list(self.target)
         data["exclude"] = list(self.exclude)
+        data["modules_to_save"] = list(self.modules_to_save)
+        data["rank_pattern"] = dict(self.rank_pattern)  # JSON objects keep their order
+        data["alpha_pattern"] = dict(self.alpha_pattern)
         return data
 
     @classmethod

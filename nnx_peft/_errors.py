@@ -107,3 +107,13 @@ class ConfigMismatchError(PeftError, ValueError):
 
 class MissingDependencyError(PeftError, ImportError):
     """An optional dependency needed for the requested feature is not installed."""
+
+
+class ShardingError(PeftError, ValueError):
+    """Adapter shardings that do not fit the mesh or the adapters, or arrays one process cannot see.
+
+    Raised by :meth:`PeftModel.shard_adapters` for rules that are malformed, match
+    no adapter, or do not fit it (an axis the mesh lacks, a dimension the mesh
+    axes do not divide), and by the safetensors export for arrays spread over
+    several hosts.
+    """

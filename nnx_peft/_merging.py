@@ -11,6 +11,13 @@ records how its weight entered the matmul, which is all the layout needs.
 Merging in place keeps the original weight values in an
 :class:`UnmergedWeight` next to the merged weight, so unmerging restores them
 bit for bit (also for a QLoRA base, whose merged weight is requantized).
+
+The adapter's variant folds the delta in (``Update.fold``): LoRA adds
+``scale * delta``, DoRA also rescales each output feature to its magnitude.
+A PiSSA or OLoRA adapter's weight already holds the residual, which is what
+the delta is added to. Modules in ``modules_to_save`` need no folding: they
+keep their trained values, and ``merge_and_unload`` gives their parameters
+their original types back.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
+from nnx_peft import _saved_modules
+from nnx_peft._adapter_state import AdapterState, adapter_state, set_adapter_state
 from nnx_peft._errors import AdapterStateError, DtypeError, UnmergeableAdapterError
 from nnx_peft._injection import iter_adapters, module_paths
 from nnx_peft._qwix_bridge import (
@@ -32,10 +41,7 @@ from nnx_peft._qwix_bridge import (
     LAYOUT_SUFFIX,
     LORA_A_SUFFIX,
     LORA_B_SUFFIX,
-    AdapterState,
     LoraLayout,
-    adapter_state,
-    set_adapter_state,
     unwrap,
     weight_value,
     weight_values,
@@ -237,13 +243,21 @@ def _base_values(module: nnx.Module, weight: str) -> list[jax.Array]:
 
 
 def _fold(module: nnx.Module, weight: str, base: jax.Array, dtype: Any) -> jax.Array:
-    """``base + scale * delta`` for the adapter of ``module.<weight>``, rounded once to dtype."""
+    """The weight computing what the adapter of ``module.<weight>`` adds, rounded once to dtype.
+
+    ``base + scale * delta`` for LoRA; the variant of the adapter decides.
+    """
     layout: LoraLayout = getattr(module, weight + LAYOUT_SUFFIX)
     compute = jnp.promote_types(base.dtype, jnp.float32)
-    lora_a = getattr(module, weight + LORA_A_SUFFIX).get_value().astype(compute)
-    lora_b = getattr(module, weight + LORA_B_SUFFIX).get_value().astype(compute)
-    delta = weight_delta(layout, lora_a, lora_b, tuple(base.shape))
-    return (base.astype(compute) + layout.scale * delta).astype(dtype)
+
+    def value(suffix: str) -> jax.Array:
+        return getattr(module, weight + suffix).get_value().astype(compute)
+
+    delta = weight_delta(layout, value(LORA_A_SUFFIX), value(LORA_B_SUFFIX), tuple(base.shape))
+    extras = {suffix: value(suffix) for suffix in layout.update.extra_suffixes}
+    assert layout.subscripts is not None
+    base = base.astype(compute)
+    return layout.update.fold(layout.subscripts, base, delta, layout.scale, extras).astype(dtype)
 
 
 def _check_all_mergeable(adapted: Sequence[tuple[str, nnx.Module, str]]) -> None:
@@ -303,6 +317,7 @@ def merge_and_unload(model: nnx.Module, *, dtype: Any = None) -> nnx.Module:
         for suffix in (*ADAPTER_SUFFIXES, UNMERGED_SUFFIX):
             if weight + suffix in vars(module):
                 delattr(module, weight + suffix)
+    _saved_modules.unmark(plain)
     unwrap(plain)
     return plain
 
@@ -357,7 +372,8 @@ def disable_adapter(model: nnx.Module) -> Iterator[None]:
     """Runs the block with every update switched off, then restores the adapters.
 
     Merged adapters are unmerged for the block and merged again after it.
-    The previous state comes back also when the block raises.
+    Modules in ``modules_to_save`` hold their values from before training for
+    the block. The previous state comes back also when the block raises.
     """
     was_merged = is_merged(model)
     if was_merged:
@@ -367,7 +383,8 @@ def disable_adapter(model: nnx.Module) -> Iterator[None]:
     for _, module, weight in adapted:
         set_adapter_state(module, weight, AdapterState.DISABLED)
     try:
-        yield
+        with _saved_modules.originals(model):
+            yield
     finally:
         for (_, module, weight), state in zip(adapted, previous, strict=True):
             set_adapter_state(module, weight, state)

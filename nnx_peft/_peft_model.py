@@ -10,7 +10,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from nnx_peft import _checkpoint, _merging, _safetensors
+from nnx_peft import _checkpoint, _merging, _safetensors, _sharding
 from nnx_peft._config import LoraConfig
 from nnx_peft._errors import (
     AlreadyWrappedError,
@@ -61,6 +61,14 @@ class PeftModel(nnx.Module):
         TargetNotFoundError: A target pattern matches no module.
         NoAdapterCreatedError: A target pattern matched modules that got no adapter.
         QuantizationError: QLoRA settings do not fit a targeted weight.
+        UnsupportedLayerError: A targeted module cannot be adapted as configured
+            (e.g. DoRA or PiSSA on a grouped convolution).
+        ConfigError: A ``modules_to_save`` module holds an adapted module.
+
+    Variants (rsLoRA, DoRA, PiSSA and OLoRA, per-module rank and alpha,
+    ``modules_to_save``, ``target='all-linear'``) are set in ``config``; see
+    ``docs/variants.md``. :func:`nnx_peft.inspect_targets` shows what a config
+    adapts without wrapping.
 
     Example:
         >>> import jax.numpy as jnp
@@ -128,10 +136,13 @@ class PeftModel(nnx.Module):
     def trainable_filter(self) -> nnx.filterlib.Filter:
         """An NNX filter selecting exactly the trainable variables (the adapters).
 
-        Use it wherever NNX takes a filter: ``nnx.state(model, f)``,
-        ``nnx.DiffState(0, f)`` for gradients, ``nnx.Optimizer(..., wrt=f)``.
-        Do not use ``nnx.Param`` or ``nnx.LoRAParam`` for this: adapters are
-        ``nnx.Param`` subclasses, and ``nnx.Param`` selects the base weights too.
+        That is every :class:`AdapterParam`: the factors ``A`` and ``B``, DoRA
+        magnitudes, and the parameters of ``modules_to_save`` (a
+        :class:`~nnx_peft.SavedParam` each). Use it wherever NNX takes a filter:
+        ``nnx.state(model, f)``, ``nnx.DiffState(0, f)`` for gradients,
+        ``nnx.Optimizer(..., wrt=f)``. Do not use ``nnx.Param`` or
+        ``nnx.LoRAParam`` for this: adapters are ``nnx.Param`` subclasses, and
+        ``nnx.Param`` selects the base weights too.
 
         After loading for inference (``trainable=False`` in :meth:`load_adapter`,
         :meth:`from_pretrained` or :meth:`load_safetensors`) nothing is
@@ -170,7 +181,58 @@ class PeftModel(nnx.Module):
                 "AdapterParam left, e.g. after nnx.pop). Optimising nothing is almost "
                 "certainly a mistake: wrap the base model again to get fresh adapters."
             )
-        return nnx.Optimizer(self, tx, wrt=self.trainable_filter)
+        # Its state is created with the adapters' sharding metadata, which NNX places on the
+        # current mesh: the mesh of the adapters when none is set.
+        sharding = _sharding.first_named_sharding(nnx.state(self, self.trainable_filter))
+        with _sharding.mesh_of(sharding):
+            return nnx.Optimizer(self, tx, wrt=self.trainable_filter)
+
+    def shard_adapters(self, rules: _sharding.Rules) -> None:
+        """Moves the adapters of the modules ``rules`` select to the given shardings.
+
+        By default each adapter is sharded like its base weight: A over the
+        mesh axes of the weight's input-side axes, B over those of its
+        output-side axes (see ``docs/sharding.md``). This overrides that for the
+        selected modules, moving the arrays and setting their NNX sharding
+        metadata (``out_sharding``), so that ``nnx.get_partition_spec`` and the
+        optimizer state follow. Call it before :meth:`make_optimizer`. The
+        layout is not part of the ``LoraConfig`` or of checkpoints, which load
+        onto any mesh.
+
+        Args:
+            rules: Module-path regex (matched in full, like ``LoraConfig.target``)
+                to the partition specs ``(A spec, B spec)`` of that module's
+                adapters, each a ``jax.sharding.PartitionSpec`` or a list of
+                entries (``None``, a mesh axis name, or a list of names), at most
+                one per axis; missing trailing entries are ``None``. The first
+                matching rule wins; adapters no rule selects keep their sharding.
+
+        Raises:
+            ShardingError: A rule is malformed or selects no adapted module, an
+                adapter is not on a mesh, or a spec does not fit its adapter
+                (more entries than axes, a mesh axis the mesh lacks or used
+                twice, a dimension the mesh axes do not divide). Nothing is
+                moved then.
+
+        Example:
+            >>> import jax
+            >>> import jax.numpy as jnp
+            >>> from flax import nnx
+            >>> from jax.sharding import PartitionSpec as P
+            >>> import nnx_peft
+            >>> mesh = jax.make_mesh((1,), ("tp",), axis_types=(jax.sharding.AxisType.Auto,))
+            >>> with jax.set_mesh(mesh):
+            ...     init = nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, "tp"))
+            ...     base = nnx.Linear(4, 8, kernel_init=init, use_bias=False, rngs=nnx.Rngs(0))
+            ...     config = nnx_peft.LoraConfig(rank=2, alpha=4.0, target=".*")
+            ...     model = nnx_peft.PeftModel(base, config, jnp.ones((1, 4)), rngs=nnx.Rngs(1))
+            >>> model.model.kernel_lora_b.get_value().sharding.spec
+            P(None, 'tp')
+            >>> model.shard_adapters({".*": (P("tp", None), P())})
+            >>> model.model.kernel_lora_a.get_value().sharding.spec
+            P('tp', None)
+        """
+        _sharding.shard_adapters(self.model, rules)
 
     def split_trainable(self) -> tuple[nnx.GraphDef[PeftModel], nnx.State, nnx.State]:
         """Splits the model into graph definition, trainable state and the rest.
@@ -522,6 +584,9 @@ class PeftModel(nnx.Module):
             MissingDependencyError: safetensors is not installed.
             CheckpointExistsError: ``path`` exists and ``overwrite`` is False, or
                 is a directory.
+            ShardingError: Some adapter is sharded over the devices of several
+                hosts, so this process cannot read all of it; use
+                :meth:`save_adapter` there.
 
         Example:
             >>> import tempfile

@@ -20,7 +20,15 @@ provider, which needs Qwix's private helpers:
   provider reads on every call: it adds the update only while ``ACTIVE``, so
   adapters can be disabled, or merged into the base weight, without a second
   copy of the model and without breaking ``nnx.jit`` (a state change changes
-  the graph definition, so jitted functions retrace).
+  the graph definition, so jitted functions retrace);
+- each module's rank, scale, update variant (LoRA or DoRA) and initializer
+  come from an ``AdapterPlan`` (``_variants``), resolved per module path; the
+  variant decides how the update enters the output, and its maths lives there
+  and in ``_factors``, not here. Only creating the extra arrays (DoRA's
+  magnitude) and replacing a weight by its PiSSA/OLoRA residual happen here;
+- a recording provider lists the sample call's matmuls and output sizes,
+  and a dry run (under ``jax.eval_shape``) looks weights up as an eager call
+  does, for ``target='all-linear'`` and ``inspect_targets``.
 
 It also records, per adapted weight, the :class:`LoraLayout` merging needs,
 and holds the helpers that read, dequantize and requantize a QLoRA base
@@ -34,16 +42,12 @@ says which.
 from __future__ import annotations
 
 import dataclasses
-import enum
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 import qwix
 from flax import nnx
-from jax.custom_derivatives import SymbolicZero
 from qwix._src.core import dot_general as _qwix_dot_general
 from qwix._src.core import einsum as _qwix_einsum
 from qwix._src.core import einsum_info as _qwix_einsum_info
@@ -51,8 +55,18 @@ from qwix._src.providers import lora as _qwix_lora
 from qwix._src.providers import ptq as _qwix_ptq
 from qwix._src.utils import flax_util as _flax_util
 
-from nnx_peft._errors import AdapterStateError, QuantizationError, UnsupportedLayerError
-from nnx_peft._variables import AdapterParam
+from nnx_peft import _factors, _sharding
+from nnx_peft._adapter_state import (
+    STATE_SUFFIX,
+    AdapterState,
+    adapter_state,
+    refuse_adapter_gradients,
+)
+from nnx_peft._errors import QuantizationError, UnsupportedLayerError
+from nnx_peft._factors import Subscripts
+from nnx_peft._layout import CallRecord, LoraLayout
+from nnx_peft._variables import AdapterParam, InitialFactor
+from nnx_peft._variants import MAGNITUDE_SUFFIX, AdapterPlan, AdapterSpec, check_supported
 
 #: Suffixes of the attributes Qwix and nnx_peft add next to an adapted weight.
 LORA_A_SUFFIX = "_lora_a"
@@ -63,85 +77,13 @@ DROPOUT_SUFFIX = "_lora_dropout"
 QuantizedWeight = _qwix_ptq.WithAux
 
 LAYOUT_SUFFIX = "_lora_layout"
-STATE_SUFFIX = "_lora_state"
+INITIAL_A_SUFFIX = "_lora_initial_a"
+INITIAL_B_SUFFIX = "_lora_initial_b"
 
 #: Qwix's own record of the update einsum (its provider sets it; ours does not).
 _QWIX_EINSUM_STR_SUFFIX = "_lora_einsum_str"
 #: Attributes ``qwix.apply_lora_to_model`` sets on every module of the model.
 _QWIX_MODULE_ATTRIBUTES = ("qwix_path", "disable_quant_stats_update", "qwix_rngs")
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraLayout:
-    """How an adapted weight enters its matmul: what merging needs to fold ``A @ B`` back.
-
-    Stored on the adapted module as ``<weight>_lora_layout`` when the adapter is
-    created. ``kind`` is ``'dot_general'``, ``'einsum'`` or ``'conv'``.
-
-    Attributes:
-        kind: The intercepted operation.
-        scale: Factor of the update, ``alpha / rank`` of the rule that made it.
-        contracting: Weight axes contracted with the input (``dot_general``).
-        batch: Weight axes that are batch axes of the ``dot_general``.
-        einsum_str: The three-operand einsum Qwix uses for the update
-            (``'<input>,<A>,<B>-><output>'``), for ``einsum``.
-        weight_str: Subscripts of the weight operand in its own axis order, for
-            ``einsum`` (the update's einsum string does not keep that order).
-        feature_group_count: ``feature_group_count`` of the convolution.
-        batch_group_count: ``batch_group_count`` of the convolution.
-        operand_is_weight: Whether the matmul's operand was the stored weight
-            itself (possibly cast). ``False`` when the module transformed it
-            first (transposed, flipped, masked): the update then applies to
-            that transform, and cannot be folded into the stored weight.
-    """
-
-    kind: str
-    scale: float = 1.0
-    contracting: tuple[int, ...] = ()
-    batch: tuple[int, ...] = ()
-    einsum_str: str = ""
-    weight_str: str = ""
-    feature_group_count: int = 1
-    batch_group_count: int = 1
-    operand_is_weight: bool = True
-
-
-class AdapterState(enum.Enum):
-    """What the provider does with one adapter on each forward pass.
-
-    Kept per adapted weight as the static attribute ``<weight>_lora_state``
-    (absent means ``ACTIVE``). Being static, it is part of the NNX graph
-    definition: ``nnx.jit`` retraces when it changes instead of reusing a
-    trace made in another state.
-    """
-
-    #: Add the low-rank update to the output.
-    ACTIVE = "active"
-    #: Skip the update: the module computes what the base model computes.
-    DISABLED = "disabled"
-    #: Skip the update, which is already folded into the base weight.
-    #: Differentiating with respect to the adapters raises AdapterStateError.
-    MERGED = "merged"
-
-
-def adapter_state(module: nnx.Module, weight: str) -> AdapterState:
-    """The state of the adapter of ``module.<weight>``."""
-    state: AdapterState = getattr(module, weight + STATE_SUFFIX, AdapterState.ACTIVE)
-    return state
-
-
-def set_adapter_state(module: nnx.Module, weight: str, state: AdapterState) -> None:
-    """Sets the state of the adapter of ``module.<weight>``.
-
-    ``ACTIVE`` removes the attribute, so a model returns to the very graph
-    definition it had before (and ``nnx.jit`` finds its earlier trace).
-    """
-    name = weight + STATE_SUFFIX
-    if state is AdapterState.ACTIVE:
-        if name in vars(module):
-            delattr(module, name)
-    else:
-        setattr(module, name, state)
 
 
 def is_qwix_wrapped(model: nnx.Module) -> bool:
@@ -159,7 +101,46 @@ def _module_path() -> str:
 
 
 class PeftLoraProvider(qwix.LoraProvider):
-    """A ``qwix.LoraProvider`` creating :class:`AdapterParam` weights and mode-aware dropout."""
+    """A ``qwix.LoraProvider`` creating :class:`AdapterParam` weights and mode-aware dropout.
+
+    Args:
+        rules: The Qwix rules (which modules; QLoRA settings).
+        plan: Each module path's rank, scale, variant and initializer.
+        record: If given, filled with the intercepted matmuls, in call order,
+            and the sizes of the model's outputs (the ``'all-linear'`` target
+            finds the output head this way).
+        dry_run: The sample call is traced (``jax.eval_shape``) to find what an
+            eager call would create: weights are then looked up as in an eager
+            call, by identity and then by shape, not through traced unary
+            operations (which would also find, say, a transposed weight).
+    """
+
+    def __init__(
+        self,
+        rules: Sequence[qwix.QuantizationRule],
+        plan: AdapterPlan,
+        *,
+        record: CallRecord | None = None,
+        dry_run: bool = False,
+    ) -> None:
+        super().__init__(rules)
+        self._plan = plan
+        self._record = record
+        self._dry_run = dry_run
+
+    def _note(self, weight_name: str | None, res: jax.Array) -> None:
+        if self._record is not None:
+            self._record.ops.append((_module_path(), weight_name, res.size))
+
+    def process_model_output(self, method_name: str, model_output: Any) -> Any:
+        """Records the output sizes, then lets Qwix end its first call."""
+        if self._record is not None:
+            leaves = jax.tree.leaves(model_output)
+            self._record.output_sizes = [x.size for x in leaves if hasattr(x, "size")]
+        return super().process_model_output(method_name, model_output)
+
+    def _spec(self) -> AdapterSpec:
+        return self._plan.spec(_module_path())
 
     def _current_rule(self, op_name: str) -> qwix.LoraRule | None:
         rule, _ = self._get_current_rule_and_op_id(op_name, repeated_call=True)
@@ -214,31 +195,41 @@ class PeftLoraProvider(qwix.LoraProvider):
             out_sharding=out_sharding,
         )
         rule = self._current_rule("dot_general")
-        weight_name = _find_weight(rhs) if rule else None
+        weight_name = _find_weight(rhs, self._dry_run) if rule else None
+        if rule is not None:
+            self._note(weight_name, res)
         if rule is None or weight_name is None:
             return res
+        spec = self._spec()
         (lhs_ca, rhs_ca), (lhs_ba, rhs_ba) = dimension_numbers
         rhs_ra = tuple(i for i in range(rhs.ndim) if i not in rhs_ca and i not in rhs_ba)
         contract_shape = tuple(rhs.shape[i] for i in rhs_ca)
         batch_shape = tuple(rhs.shape[i] for i in rhs_ba)
         remain_shape = tuple(rhs.shape[i] for i in rhs_ra)
-        a_shape, a_transpose, b_shape, b_transpose = _qwix_lora._create_lora_layer_shapes(
-            rhs_ca, rhs_ba, rhs_ra, contract_shape, batch_shape, remain_shape, rule.rank
+        a_shape, _, b_shape, _ = _qwix_lora._create_lora_layer_shapes(
+            rhs_ca, rhs_ba, rhs_ra, contract_shape, batch_shape, remain_shape, spec.rank
         )
-        lora_a, lora_b = _get_or_create_adapter(
+        sub = _factors.dot_general_subscripts(rhs.ndim, tuple(rhs_ca), tuple(rhs_ba))
+        # The weight axes each adapter axis stands for. Qwix's own transposes keep
+        # only the first of several flattened axes (see nnx_peft/_sharding.py).
+        a_transpose = (*rhs_ba, tuple(rhs_ca), None)
+        b_transpose = (*rhs_ba, None, tuple(rhs_ra))
+        adapter = _adapter(
             weight_name,
             rule,
+            spec,
             a_shape,
             b_shape,
             a_transpose,
             b_transpose,
             LoraLayout("dot_general", contracting=tuple(rhs_ca), batch=tuple(rhs_ba)),
+            sub,
             rhs,
         )
 
-        def update() -> jax.Array:
+        def update(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array) -> jax.Array:
             delta = _qwix_lora._compute_lora_delta(
-                _dropout(weight_name, rule, lhs),
+                x,
                 lora_a,
                 lora_b,
                 lhs_ca,
@@ -246,12 +237,13 @@ class PeftLoraProvider(qwix.LoraProvider):
                 contract_shape,
                 batch_shape,
                 remain_shape,
-                rule.rank,
+                spec.rank,
                 precision=precision,
             )
-            return delta * _scale(rule)
+            return delta * spec.scale
 
-        return _add_update(res, weight_name, lora_a, lora_b, update)
+        template = _factors.dot_general_output(sub, res.ndim)
+        return _add_update(res, weight_name, rule, lhs, rhs, adapter, update, template)
 
     def einsum(self, einsum_str: str, *operands: Any, **kwargs: Any) -> jax.Array:
         """``jnp.einsum`` plus the low-rank update of the weight operand."""
@@ -275,31 +267,34 @@ class PeftLoraProvider(qwix.LoraProvider):
                 "Exclude this module with LoraConfig.exclude."
             )
         lhs, rhs = operands
-        weight_name = _find_weight(rhs)
+        weight_name = _find_weight(rhs, self._dry_run)
+        self._note(weight_name, res)
         if weight_name is None:
             return res
+        spec = self._spec()
         a_shape, b_shape, lora_einsum_str, a_transpose, b_transpose = (
-            _qwix_lora._parse_einsum_str_for_lora(lhs.shape, rhs.shape, einsum_str, rule.rank)
+            _qwix_lora._parse_einsum_str_for_lora(lhs.shape, rhs.shape, einsum_str, spec.rank)
         )
-        weight_str = _qwix_einsum_info.EinsumInfo.parse(einsum_str, ndims=(lhs.ndim, rhs.ndim)).rhs
-        lora_a, lora_b = _get_or_create_adapter(
+        info = _qwix_einsum_info.EinsumInfo.parse(einsum_str, ndims=(lhs.ndim, rhs.ndim))
+        sub = _factors.einsum_subscripts(lora_einsum_str, info.rhs, info.out)
+        adapter = _adapter(
             weight_name,
             rule,
+            spec,
             a_shape,
             b_shape,
             a_transpose,
             b_transpose,
-            LoraLayout("einsum", einsum_str=lora_einsum_str, weight_str=weight_str),
+            LoraLayout("einsum", einsum_str=lora_einsum_str, weight_str=info.rhs),
+            sub,
             rhs,
         )
 
-        def update() -> jax.Array:
-            delta = jax.numpy.einsum(
-                lora_einsum_str, _dropout(weight_name, rule, lhs), lora_a, lora_b, **kwargs
-            )
-            return delta * _scale(rule)
+        def update(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array) -> jax.Array:
+            return jax.numpy.einsum(lora_einsum_str, x, lora_a, lora_b, **kwargs) * spec.scale
 
-        return _add_update(res, weight_name, lora_a, lora_b, update)
+        template = _factors.einsum_output(sub, info.out)
+        return _add_update(res, weight_name, rule, lhs, rhs, adapter, update, template)
 
     def conv_general_dilated(
         self,
@@ -344,9 +339,12 @@ class PeftLoraProvider(qwix.LoraProvider):
             **conv_kwargs,
         )
         rule = self._current_rule("conv_general_dilated")
-        weight_name = _find_weight(rhs) if rule else None
+        weight_name = _find_weight(rhs, self._dry_run) if rule else None
+        if rule is not None:
+            self._note(weight_name, res)
         if rule is None or weight_name is None:
             return res
+        spec = self._spec()
         numbers = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
         if numbers.rhs_spec[0] != rhs.ndim - 1 or numbers.out_spec[1] != lhs.ndim - 1:
             raise UnsupportedLayerError(
@@ -354,11 +352,13 @@ class PeftLoraProvider(qwix.LoraProvider):
                 f"the last axis of kernel and output ({numbers}); adapters need the NNX layout "
                 "(features last). Exclude this module with LoraConfig.exclude."
             )
-        lora_a, lora_b = _get_or_create_adapter(
+        sub = _factors.conv_subscripts(rhs.ndim)
+        adapter = _adapter(
             weight_name,
             rule,
-            (*rhs.shape[:-1], rule.rank),
-            (rule.rank, rhs.shape[-1]),
+            spec,
+            (*rhs.shape[:-1], spec.rank),
+            (spec.rank, rhs.shape[-1]),
             (*range(rhs.ndim - 1), None),
             (None, rhs.ndim - 1),
             LoraLayout(
@@ -366,24 +366,21 @@ class PeftLoraProvider(qwix.LoraProvider):
                 feature_group_count=feature_group_count,
                 batch_group_count=batch_group_count,
             ),
+            sub,
             rhs,
         )
 
-        def update() -> jax.Array:
+        def update(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array) -> jax.Array:
             projected = jax.lax.conv_general_dilated(
-                _dropout(weight_name, rule, lhs),
-                lora_a,
-                window_strides,
-                padding,
-                dimension_numbers=numbers,
-                **conv_kwargs,
+                x, lora_a, window_strides, padding, dimension_numbers=numbers, **conv_kwargs
             )
-            return (projected @ lora_b) * _scale(rule)
+            return (projected @ lora_b) * spec.scale
 
-        return _add_update(res, weight_name, lora_a, lora_b, update)
+        template = _factors.conv_output(sub, res.ndim)
+        return _add_update(res, weight_name, rule, lhs, rhs, adapter, update, template)
 
 
-def _find_weight(operand: Any) -> str | None:
+def _find_weight(operand: Any, as_if_eager: bool) -> str | None:
     """The name of the current module's base weight that ``operand`` is, or ``None``.
 
     Qwix's ``find_param`` matches by identity, then (under tracing) through
@@ -393,83 +390,89 @@ def _find_weight(operand: Any) -> str | None:
     Qwix returns ``None``, silently skipping the update (always for QLoRA,
     whose weight reaches the matmul as a copy; in eager mode for a weight cast
     to the compute dtype), or raises. An adapter is never the weight, so the
-    shape match is redone among the base weights only.
+    shape match is redone among the base weights only. ``as_if_eager`` (a
+    traced dry run) skips the match through unary operations, as eager calls do.
     """
-    try:
-        name = _flax_util.find_param(operand, QuantizedWeight)
-    except ValueError as err:
-        if "Multiple candidate params" not in str(err):
-            raise
-        name = None
     module = _flax_util.get_current_module()
-    if name is not None and not isinstance(getattr(module, name), AdapterParam):
+    weights = {
+        name: value
+        for name, value in vars(module).items()
+        if isinstance(value, QuantizedWeight | nnx.Param) and not isinstance(value, AdapterParam)
+    }
+    if as_if_eager:
+        name = next((n for n, v in weights.items() if _flax_util.unbox(v) is operand), None)
+    else:
+        try:
+            name = _flax_util.find_param(operand, QuantizedWeight)
+        except ValueError as err:
+            if "Multiple candidate params" not in str(err):
+                raise
+            name = None
+    if name in weights:
         return name
-    same_shape = [
-        candidate
-        for candidate, value in vars(module).items()
-        if isinstance(value, QuantizedWeight | nnx.Param)
-        and not isinstance(value, AdapterParam)
-        and tuple(value.shape) == tuple(operand.shape)
-    ]
+    same_shape = [n for n, v in weights.items() if tuple(v.shape) == tuple(operand.shape)]
     return same_shape[0] if len(same_shape) == 1 else None
-
-
-def _scale(rule: qwix.LoraRule) -> float:
-    """The factor of the low-rank update."""
-    return rule.alpha / rule.rank
 
 
 def _add_update(
     res: jax.Array,
     weight_name: str,
-    lora_a: jax.Array,
-    lora_b: jax.Array,
-    update: Callable[[], jax.Array],
+    rule: qwix.LoraRule,
+    lhs: jax.Array,
+    operand: Any,
+    adapter: tuple[jax.Array, jax.Array],
+    update: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
+    template: str,
 ) -> jax.Array:
-    """``res`` plus the scaled update, as the adapter's :class:`AdapterState` asks."""
-    state = adapter_state(_flax_util.get_current_module(), weight_name)
-    if state is AdapterState.ACTIVE:
-        return res + update()
-    if state is AdapterState.MERGED:
-        return _refuse_adapter_gradients(_module_path(), res, lora_a, lora_b)
-    return res
+    """The adapted output, as the adapter's :class:`AdapterState` and variant ask.
 
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _refuse_adapter_gradients(
-    module_path: str, res: jax.Array, lora_a: jax.Array, lora_b: jax.Array
-) -> jax.Array:
-    """Returns ``res``; differentiating it with respect to the adapters raises.
-
-    A merged adapter is not used by the forward pass, so its gradient would be
-    silently zero: a training step would change nothing, or only apply weight
-    decay to adapters already folded into the weights. Tracing the derivative
-    fails loudly instead. Gradients with respect to anything else (inputs,
-    base weights) pass through, and compiled forward passes contain no trace of
-    this function.
+    Args:
+        res: The base matmul's output.
+        weight_name: The adapted weight.
+        rule: The Qwix rule (for the dropout rate).
+        lhs: The matmul's input.
+        operand: The matmul's weight operand.
+        adapter: ``(A, B)``.
+        update: ``(x, A, B) -> scale * x A B``, shaped like ``res``.
+        template: The output's axes (``_factors.dot_general_output`` and the like).
     """
-    del module_path, lora_a, lora_b
-    return res
-
-
-def _refuse_adapter_gradients_jvp(
-    module_path: str, primals: tuple[jax.Array, ...], tangents: tuple[Any, ...]
-) -> tuple[jax.Array, Any]:
-    _, lora_a_dot, lora_b_dot = tangents
-    if not (isinstance(lora_a_dot, SymbolicZero) and isinstance(lora_b_dot, SymbolicZero)):
-        raise AdapterStateError(
-            f"A gradient with respect to the adapters of module {module_path!r} was "
-            "requested while they are merged into the base weights (merge_adapter()); a "
-            "merged adapter is not used by the forward pass, so its gradient would be zero. "
-            "Call model.unmerge_adapter() before training, and merge_adapter() again after."
+    module = _flax_util.get_current_module()
+    layout: LoraLayout = getattr(module, weight_name + LAYOUT_SUFFIX)
+    extras = {
+        suffix: _flax_util.unbox(getattr(module, weight_name + suffix))
+        for suffix in layout.update.extra_suffixes
+    }
+    state = adapter_state(module, weight_name)
+    if state is AdapterState.ACTIVE:
+        assert layout.subscripts is not None
+        return layout.update.apply(
+            res,
+            update(_dropout(weight_name, rule, lhs), *adapter),
+            sub=layout.subscripts,
+            weight=lambda: _float_operand(module, weight_name, operand),
+            a=adapter[0],
+            b=adapter[1],
+            scale=layout.scale,
+            extras=extras,
+            template=template,
         )
-    res_dot = tangents[0]
-    if isinstance(res_dot, SymbolicZero):
-        res_dot = jax.numpy.zeros_like(primals[0])
-    return primals[0], res_dot
+    if state is AdapterState.MERGED:
+        return refuse_adapter_gradients(_module_path(), res, (*adapter, *extras.values()))
+    initial = [getattr(module, weight_name + s, None) for s in (INITIAL_A_SUFFIX, INITIAL_B_SUFFIX)]
+    if initial[0] is None or initial[1] is None:
+        return res
+    # The weight holds the residual W - scale * A0 B0: add the initial adapter back.
+    return res + update(lhs, initial[0].get_value(), initial[1].get_value())
 
 
-_refuse_adapter_gradients.defjvp(_refuse_adapter_gradients_jvp, symbolic_zeros=True)
+def _float_operand(module: nnx.Module, weight_name: str, operand: Any) -> jax.Array:
+    """The matmul's weight operand as a float array (a QLoRA weight dequantized)."""
+    if isinstance(operand, QuantizedWeight):
+        return qwix.dequantize(operand.array)
+    stored = getattr(module, weight_name)
+    if isinstance(stored, QuantizedWeight):  # the first call quantizes its float operand
+        return qwix.dequantize(stored.array)
+    return jax.numpy.asarray(operand)
 
 
 def _dropout(weight_name: str, rule: qwix.LoraRule, lhs: jax.Array) -> jax.Array:
@@ -494,21 +497,108 @@ def _canonical_sharding(boxed: Any) -> jax.sharding.NamedSharding | None:
     return sharding.update(spec=sharding.spec + (None,) * (value.ndim - len(sharding.spec)))
 
 
+def _adapter(
+    name: str,
+    rule: qwix.LoraRule,
+    spec: AdapterSpec,
+    a_shape: tuple[int, ...],
+    b_shape: tuple[int, ...],
+    a_transpose: _sharding.Groups,
+    b_transpose: _sharding.Groups,
+    layout: LoraLayout,
+    sub: Subscripts,
+    operand: Any,
+) -> tuple[jax.Array, jax.Array]:
+    """``(A, B)`` of the weight ``name`` of the current module, created as ``spec`` says.
+
+    On creation, the layout records the spec's scale, update variant and
+    ``sub``; the spec's initializer starts ``A`` and ``B`` (one that starts
+    from the weight also replaces the stored weight by its residual, keeping
+    ``A0`` and ``B0`` as :class:`InitialFactor`); and the variant's extra
+    trained arrays (DoRA's magnitude) are made from the weight the matmul
+    will use from then on.
+    """
+    module = _flax_util.get_current_module()
+    if getattr(module, name + LORA_A_SUFFIX, None) is not None:
+        return _get_or_create_adapter(
+            name, rule, a_shape, b_shape, a_transpose, b_transpose, layout, operand
+        )
+    param = getattr(module, name)
+    layout = dataclasses.replace(layout, scale=spec.scale, update=spec.update, subscripts=sub)
+    where = f"the weight {name!r} of module {_module_path()!r}"
+    check_supported(
+        spec,
+        groups=(layout.feature_group_count, layout.batch_group_count),
+        transformed=lambda: not _is_stored_weight(operand, param),
+        where=where,
+    )
+    start = spec.init.start(
+        sub=sub,
+        weight=lambda: _flax_util.unbox(param),
+        rank=spec.rank,
+        scale=spec.scale,
+        a_shape=a_shape,
+        b_shape=b_shape,
+        where=where,
+    )
+    rule = dataclasses.replace(
+        rule,
+        rank=spec.rank,
+        alpha=spec.alpha,
+        lora_a_initializer=start.a,
+        lora_b_initializer=start.b,
+    )
+    lora_a, lora_b = _get_or_create_adapter(
+        name, rule, a_shape, b_shape, a_transpose, b_transpose, layout, operand
+    )
+    weight = _float_operand(module, name, operand)
+    if start.residual is not None:
+        stored = _flax_util.unbox(param)
+        residual = start.residual
+        if not isinstance(stored, jax.core.Tracer):
+            residual = jax.device_put(residual, stored.sharding)
+        param.set_value(residual)  # in the wrapper's clone only
+        setattr(module, name + INITIAL_A_SUFFIX, InitialFactor(lora_a))
+        setattr(module, name + INITIAL_B_SUFFIX, InitialFactor(lora_b))
+        weight = residual.astype(weight.dtype)
+    extras = spec.update.extra_params(sub, weight, lora_a, lora_b, spec.scale)
+    if extras:
+        dtype, boxed = _dtype_and_boxed(param)
+        sharding = _canonical_sharding(boxed)
+        with _sharding.mesh_of(sharding):
+            for suffix, (value, axes) in extras.items():
+                placed = _sharding.adapter_value(value.astype(dtype), boxed, sharding, axes)
+                _flax_util.get_or_create_param(
+                    name + suffix, lambda placed=placed: placed, nnx_param_type=AdapterParam
+                )
+    return lora_a, lora_b
+
+
+def _dtype_and_boxed(param: Any) -> tuple[Any, Any]:
+    """The adapters' dtype and the variable their sharding derives from (QLoRA: the qvalue)."""
+    if isinstance(param, QuantizedWeight):
+        return _flax_util.unbox(param.array.scale).dtype, param.array.qvalue
+    return _flax_util.unbox(param).dtype, param
+
+
 def _get_or_create_adapter(
     name: str,
     rule: qwix.LoraRule,
     a_shape: tuple[int, ...],
     b_shape: tuple[int, ...],
-    a_transpose: Sequence[int | None],
-    b_transpose: Sequence[int | None],
+    a_transpose: _sharding.Groups,
+    b_transpose: _sharding.Groups,
     layout: LoraLayout,
     operand: Any,
 ) -> tuple[jax.Array, jax.Array]:
     """Qwix's ``_get_or_create_lora_params`` for NNX, creating :class:`AdapterParam`.
 
     Also records ``layout`` as ``<name>_lora_layout`` on the module, completed
-    with the rule's scale and whether ``operand`` (the matmul's weight
-    operand) is the stored weight.
+    with whether ``operand`` (the matmul's weight operand) is the stored
+    weight. ``a_transpose`` and ``b_transpose`` list, per adapter axis, the
+    weight axes it stands for; the adapters are placed
+    and annotated from them by ``_sharding.adapter_value``, on the base
+    weight's mesh.
     """
     module = _flax_util.get_current_module()
     lora_a = getattr(module, name + LORA_A_SUFFIX, None)
@@ -517,9 +607,9 @@ def _get_or_create_adapter(
         return _flax_util.unbox(lora_a), _flax_util.unbox(lora_b)
 
     param = getattr(module, name)
-    layout = dataclasses.replace(
-        layout, scale=_scale(rule), operand_is_weight=_is_stored_weight(operand, param)
-    )
+    if isinstance(param, QuantizedWeight):  # quantized from ``operand`` in this very call
+        _sharding.place_quantized(operand, weight_variables(param))
+    layout = dataclasses.replace(layout, operand_is_weight=_is_stored_weight(operand, param))
     setattr(module, name + LAYOUT_SUFFIX, layout)
     if isinstance(param, QuantizedWeight):
         dtype, boxed = _flax_util.unbox(param.array.scale).dtype, param.array.qvalue
@@ -529,29 +619,25 @@ def _get_or_create_adapter(
 
     def init(initializer: Callable[..., jax.Array], shape: tuple[int, ...], transpose: Any):
         def create(rng: jax.Array) -> Any:
-            value = initializer(rng, shape, dtype)
-            if sharding is not None:
-                spec = _flax_util.update_sharding(sharding.spec, transpose=transpose)
-                value = jax.device_put(value, sharding.update(spec=spec))
-            value = _flax_util.update_boxed(boxed, value=value, transpose=transpose)
-            if isinstance(value, nnx.Variable):
-                return nnx.VariableMetadata(value.get_value(), metadata=value.get_metadata())
-            return value
+            return _sharding.adapter_value(
+                initializer(rng, shape, dtype), boxed, sharding, transpose
+            )
 
         return create
 
-    lora_a = _flax_util.get_or_create_param(
-        name + LORA_A_SUFFIX,
-        init(rule.lora_a_initializer, a_shape, a_transpose),
-        nnx_param_type=AdapterParam,
-        need_rng=True,
-    )
-    lora_b = _flax_util.get_or_create_param(
-        name + LORA_B_SUFFIX,
-        init(rule.lora_b_initializer, b_shape, b_transpose),
-        nnx_param_type=AdapterParam,
-        need_rng=True,
-    )
+    with _sharding.mesh_of(sharding):  # NNX places annotated variables on the current mesh
+        lora_a = _flax_util.get_or_create_param(
+            name + LORA_A_SUFFIX,
+            init(rule.lora_a_initializer, a_shape, a_transpose),
+            nnx_param_type=AdapterParam,
+            need_rng=True,
+        )
+        lora_b = _flax_util.get_or_create_param(
+            name + LORA_B_SUFFIX,
+            init(rule.lora_b_initializer, b_shape, b_transpose),
+            nnx_param_type=AdapterParam,
+            need_rng=True,
+        )
     return lora_a, lora_b
 
 
@@ -570,8 +656,11 @@ def _is_stored_weight(operand: Any, param: Any) -> bool:
     value = _flax_util.unbox(param)
     if isinstance(operand, jax.core.Tracer) or isinstance(value, jax.core.Tracer):
         return True
+    if operand is value:
+        return True
+    # Compared on the devices: a sharded weight is never gathered to the host.
     return operand.shape == value.shape and bool(
-        np.array_equal(np.asarray(operand), np.asarray(value.astype(operand.dtype)))
+        jax.numpy.array_equal(operand, value.astype(operand.dtype))
     )
 
 
@@ -582,6 +671,9 @@ ADAPTER_SUFFIXES = (
     LAYOUT_SUFFIX,
     STATE_SUFFIX,
     DROPOUT_SUFFIX,
+    INITIAL_A_SUFFIX,
+    INITIAL_B_SUFFIX,
+    MAGNITUDE_SUFFIX,
     _QWIX_EINSUM_STR_SUFFIX,
 )
 

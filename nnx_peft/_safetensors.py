@@ -23,9 +23,8 @@ import numpy as np
 
 from nnx_peft._checkpoint_format import (
     ADAPTER,
-    SAVED_WEIGHTS,
     ArraySpec,
-    array_variables,
+    adapter_variables,
     assign,
     check_config,
     check_fit,
@@ -41,6 +40,7 @@ from nnx_peft._errors import (
     MissingDependencyError,
     NotACheckpointError,
 )
+from nnx_peft._sharding import require_addressable
 
 if TYPE_CHECKING:
     from nnx_peft._peft_model import PeftModel
@@ -74,6 +74,7 @@ def save_safetensors(model: PeftModel, path: str | os.PathLike[str], *, overwrit
         MissingDependencyError: safetensors is not installed.
         CheckpointExistsError: ``path`` exists and ``overwrite`` is False, or it
             is a directory.
+        ShardingError: Some adapter is sharded over several hosts' devices.
     """
     safetensors = _safetensors()
     target = Path(path)
@@ -87,7 +88,8 @@ def save_safetensors(model: PeftModel, path: str | os.PathLike[str], *, overwrit
             f"{target} already exists. Pass overwrite=True to replace it (it is replaced only "
             "once the new file is complete), or choose another path."
         )
-    arrays = values(array_variables(model.model, SAVED_WEIGHTS))
+    arrays = values(adapter_variables(model))
+    require_addressable(arrays, "save_safetensors")
     metadata = {METADATA_KEY: json.dumps(describe(model, {ADAPTER: arrays}))}
     tensors = {name: np.asarray(jax.device_get(x)) for name, x in arrays.items()}
     partial = target.with_name(f".{target.name}.{uuid.uuid4().hex}.partial")
@@ -128,6 +130,14 @@ def _read(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         ) from err
 
 
+def _placed(tensor: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """``tensor`` as an array with ``sharding``, on however many hosts.
+
+    Each process builds its own shards from the whole file it has read.
+    """
+    return jax.make_array_from_callback(tensor.shape, sharding, lambda index: tensor[index])
+
+
 def load_safetensors(model: PeftModel, path: str | os.PathLike[str]) -> None:
     """Loads adapter weights from a safetensors file into ``model`` after checking everything.
 
@@ -158,11 +168,11 @@ def load_safetensors(model: PeftModel, path: str | os.PathLike[str]) -> None:
                 "the file was changed after saving. Nothing was loaded."
             )
         check_config(model.config, config, where)
-    variables = array_variables(model.model, SAVED_WEIGHTS)
+    variables = adapter_variables(model)
     check_fit(ADAPTER, values(variables), found, where)
     arrays = {
         ADAPTER: {
-            name: jax.device_put(tensors[name], variable.get_value().sharding)
+            name: _placed(tensors[name], variable.get_value().sharding)
             for name, variable in variables.items()
         }
     }

@@ -11,17 +11,23 @@ Module paths of :class:`TinyDecoder` (for ``LoraConfig.target``)::
     layers/<i>/attn_norm, layers/<i>/attn/{q_proj,k_proj,v_proj,o_proj}
     layers/<i>/mlp_norm,  layers/<i>/mlp/{gate_proj,up_proj,down_proj}
     final_norm, lm_head
+
+``DecoderConfig(mesh_axes=("fsdp", "tp"))`` annotates every weight with NNX
+sharding metadata (``nnx.with_partitioning``) for a device mesh; see
+:class:`DecoderConfig`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.nnx.nn.linear import default_embed_init, default_kernel_init
 from jaxtyping import Array, Float, Int
 
 #: First built-in text: used to pretrain the toy model.
@@ -77,7 +83,21 @@ def batches(
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DecoderConfig:
-    """Sizes of :class:`TinyDecoder`."""
+    """Sizes of :class:`TinyDecoder`, and how its weights are laid out on a device mesh.
+
+    ``mesh_axes=(fsdp, tp)`` names two mesh axes (either may be ``None``) and
+    annotates every weight with NNX sharding metadata, Megatron-style: ``fsdp``
+    shards each weight's model-width axis (``embed_dim``), ``tp`` its heads,
+    MLP-hidden or vocabulary axis. Query, key and value kernels ``(D, N, H)``
+    are laid out ``(fsdp, tp, None)``, the output kernel ``(N, H, D)``
+    ``(tp, None, fsdp)``, gate and up ``(D, F)`` ``(fsdp, tp)``, down
+    ``(F, D)`` ``(tp, fsdp)``, the embedding ``(V, D)`` ``(tp, fsdp)``, the
+    position embedding ``(max_len, D)`` ``(None, fsdp)`` and the head ``(D, V)``
+    ``(fsdp, tp)``; norm scales are replicated. Build the model
+    under ``jax.set_mesh(mesh)``, where NNX places each weight as annotated.
+    The default ``None`` adds no annotation; the initial values do not depend
+    on it.
+    """
 
     vocab_size: int
     num_layers: int = 2
@@ -87,13 +107,32 @@ class DecoderConfig:
     mlp_dim: int = 128
     max_len: int = 256
     dtype: jnp.dtype = jnp.float32
+    mesh_axes: tuple[str | None, str | None] | None = None
+
+
+def _partitioned(
+    cfg: DecoderConfig, init: Callable[..., Any], *axes: str | None
+) -> Callable[..., Any]:
+    """``init`` annotated with the mesh axes ``cfg`` gives ``axes`` (``'fsdp'``, ``'tp'``, None)."""
+    if cfg.mesh_axes is None:
+        return init
+    names = dict(zip(("fsdp", "tp"), cfg.mesh_axes, strict=True))
+    return nnx.with_partitioning(init, tuple(names[a] if a else None for a in axes))
+
+
+def _param(cfg: DecoderConfig, value: jax.Array, *axes: str | None) -> nnx.Param[jax.Array]:
+    """An ``nnx.Param`` of ``value``, annotated like :func:`_partitioned`."""
+    return nnx.Param(_partitioned(cfg, lambda: value, *axes)())
 
 
 class RMSNorm(nnx.Module):
-    """Root-mean-square layer norm with a learned scale."""
+    """Root-mean-square layer norm with a learned scale, replicated if ``cfg.mesh_axes`` is set."""
 
-    def __init__(self, dim: int, *, dtype: jnp.dtype = jnp.float32) -> None:
-        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+    def __init__(
+        self, dim: int, *, dtype: jnp.dtype = jnp.float32, cfg: DecoderConfig | None = None
+    ) -> None:
+        scale = jnp.ones((dim,), dtype)
+        self.scale = _param(cfg, scale, None) if cfg else nnx.Param(scale)
 
     def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
         variance = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
@@ -106,13 +145,20 @@ class Attention(nnx.Module):
     def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs) -> None:
         d, n, h = cfg.embed_dim, cfg.num_heads, cfg.head_dim
 
-        def proj(spec: str, shape: tuple[int, ...]) -> nnx.Einsum:
-            return nnx.Einsum(spec, shape, dtype=cfg.dtype, param_dtype=cfg.dtype, rngs=rngs)
+        def proj(spec: str, shape: tuple[int, ...], *axes: str | None) -> nnx.Einsum:
+            return nnx.Einsum(
+                spec,
+                shape,
+                dtype=cfg.dtype,
+                param_dtype=cfg.dtype,
+                kernel_init=_partitioned(cfg, default_kernel_init, *axes),
+                rngs=rngs,
+            )
 
-        self.q_proj = proj("BTD,DNH->BTNH", (d, n, h))
-        self.k_proj = proj("BTD,DNH->BTNH", (d, n, h))
-        self.v_proj = proj("BTD,DNH->BTNH", (d, n, h))
-        self.o_proj = proj("BTNH,NHD->BTD", (n, h, d))
+        self.q_proj = proj("BTD,DNH->BTNH", (d, n, h), "fsdp", "tp", None)
+        self.k_proj = proj("BTD,DNH->BTNH", (d, n, h), "fsdp", "tp", None)
+        self.v_proj = proj("BTD,DNH->BTNH", (d, n, h), "fsdp", "tp", None)
+        self.o_proj = proj("BTNH,NHD->BTD", (n, h, d), "tp", None, "fsdp")
 
     def __call__(self, x: Float[Array, "b t d"]) -> Float[Array, "b t d"]:
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -130,14 +176,20 @@ class MLP(nnx.Module):
     def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs) -> None:
         d, f = cfg.embed_dim, cfg.mlp_dim
 
-        def linear(n_in: int, n_out: int) -> nnx.Linear:
+        def linear(n_in: int, n_out: int, *axes: str | None) -> nnx.Linear:
             return nnx.Linear(
-                n_in, n_out, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.dtype, rngs=rngs
+                n_in,
+                n_out,
+                use_bias=False,
+                dtype=cfg.dtype,
+                param_dtype=cfg.dtype,
+                kernel_init=_partitioned(cfg, default_kernel_init, *axes),
+                rngs=rngs,
             )
 
-        self.gate_proj = linear(d, f)
-        self.up_proj = linear(d, f)
-        self.down_proj = linear(f, d)
+        self.gate_proj = linear(d, f, "fsdp", "tp")
+        self.up_proj = linear(d, f, "fsdp", "tp")
+        self.down_proj = linear(f, d, "tp", "fsdp")
 
     def __call__(self, x: Float[Array, "b t d"]) -> Float[Array, "b t d"]:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -147,9 +199,9 @@ class Block(nnx.Module):
     """Pre-norm transformer block."""
 
     def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs) -> None:
-        self.attn_norm = RMSNorm(cfg.embed_dim, dtype=cfg.dtype)
+        self.attn_norm = RMSNorm(cfg.embed_dim, dtype=cfg.dtype, cfg=cfg)
         self.attn = Attention(cfg, rngs=rngs)
-        self.mlp_norm = RMSNorm(cfg.embed_dim, dtype=cfg.dtype)
+        self.mlp_norm = RMSNorm(cfg.embed_dim, dtype=cfg.dtype, cfg=cfg)
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x: Float[Array, "b t d"]) -> Float[Array, "b t d"]:
@@ -171,19 +223,28 @@ class TinyDecoder(nnx.Module):
     def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs) -> None:
         self.cfg = cfg
         self.embed = nnx.Embed(
-            cfg.vocab_size, cfg.embed_dim, dtype=cfg.dtype, param_dtype=cfg.dtype, rngs=rngs
+            cfg.vocab_size,
+            cfg.embed_dim,
+            dtype=cfg.dtype,
+            param_dtype=cfg.dtype,
+            embedding_init=_partitioned(cfg, default_embed_init, "tp", "fsdp"),
+            rngs=rngs,
         )
-        self.pos_embed = nnx.Param(
-            0.02 * jax.random.normal(rngs.params(), (cfg.max_len, cfg.embed_dim), cfg.dtype)
+        self.pos_embed = _param(
+            cfg,
+            0.02 * jax.random.normal(rngs.params(), (cfg.max_len, cfg.embed_dim), cfg.dtype),
+            None,
+            "fsdp",
         )
         self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-        self.final_norm = RMSNorm(cfg.embed_dim, dtype=cfg.dtype)
+        self.final_norm = RMSNorm(cfg.embed_dim, dtype=cfg.dtype, cfg=cfg)
         self.lm_head = nnx.Linear(
             cfg.embed_dim,
             cfg.vocab_size,
             use_bias=False,
             dtype=cfg.dtype,
             param_dtype=cfg.dtype,
+            kernel_init=_partitioned(cfg, default_kernel_init, "fsdp", "tp"),
             rngs=rngs,
         )
 

@@ -165,6 +165,10 @@ def test_description_is_self_contained(saved: tuple[Path, nnx_peft.PeftModel]) -
             "a_shape": list(info.a_shape),
             "b_shape": list(info.b_shape),
             "dtype": info.dtype,
+            "rank": 2,
+            "scale": 2.0,
+            "variant": "lora",
+            "magnitude_shape": None,
         }
         for info in model.adapters()
     ]
