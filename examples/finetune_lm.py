@@ -43,6 +43,7 @@ from nnx_peft.toy import (
     DecoderConfig,
     TinyDecoder,
     batches,
+    evaluate_loss,
     next_token_loss,
 )
 
@@ -109,17 +110,6 @@ def train(
     return losses, statistics.median(seconds[1:] or seconds)
 
 
-@nnx.jit
-def loss_on(model: nnx.Module, x: jax.Array, y: jax.Array) -> jax.Array:
-    return next_token_loss(model(x), y)
-
-
-def evaluate(model: nnx.Module, ids: np.ndarray, *, seq_len: int) -> float:
-    """Mean next-token loss over fixed windows of ``ids`` (the same windows every call)."""
-    data = batches(ids, batch_size=32, seq_len=seq_len, seed=123)
-    return sum(float(loss_on(model, *next(data))) for _ in range(4)) / 4
-
-
 def pretrain(tokenizer: CharTokenizer, settings: Settings) -> TinyDecoder:
     """A TinyDecoder trained on TEXT_A, all weights (plain NNX)."""
     model = TinyDecoder(DecoderConfig(vocab_size=tokenizer.vocab_size), rngs=nnx.Rngs(0))
@@ -155,15 +145,15 @@ def finetune_lora(
     )
     model.save_adapter(checkpoint)
     with model.disable_adapter():  # the base model, exactly, without a second copy
-        loss_a_disabled = evaluate(model, tokenizer.encode(TEXT_A), seq_len=settings.seq_len)
+        loss_a_disabled = evaluate_loss(model, tokenizer.encode(TEXT_A), seq_len=settings.seq_len)
     return Result(
         name="LoRA",
         losses=losses,
         step_seconds=seconds,
         trainable=count(nnx.state(model, model.trainable_filter)),
         checkpoint_bytes=directory_bytes(checkpoint),
-        loss_a=evaluate(model, tokenizer.encode(TEXT_A), seq_len=settings.seq_len),
-        loss_b=evaluate(model, tokenizer.encode(TEXT_B), seq_len=settings.seq_len),
+        loss_a=evaluate_loss(model, tokenizer.encode(TEXT_A), seq_len=settings.seq_len),
+        loss_b=evaluate_loss(model, tokenizer.encode(TEXT_B), seq_len=settings.seq_len),
         loss_a_disabled=loss_a_disabled,
     )
 
@@ -184,8 +174,8 @@ def finetune_full(
         step_seconds=seconds,
         trainable=count(nnx.state(model, nnx.Param)),
         checkpoint_bytes=directory_bytes(checkpoint),
-        loss_a=evaluate(model, tokenizer.encode(TEXT_A), seq_len=settings.seq_len),
-        loss_b=evaluate(model, tokenizer.encode(TEXT_B), seq_len=settings.seq_len),
+        loss_a=evaluate_loss(model, tokenizer.encode(TEXT_A), seq_len=settings.seq_len),
+        loss_b=evaluate_loss(model, tokenizer.encode(TEXT_B), seq_len=settings.seq_len),
         loss_a_disabled=None,  # the pretrained weights were overwritten
     )
 
@@ -241,8 +231,8 @@ def main() -> int:
     base = pretrain(tokenizer, settings)
     frozen = jax.tree.map(np.asarray, nnx.state(base, nnx.Param))
     before = {
-        "A": evaluate(base, tokenizer.encode(TEXT_A), seq_len=settings.seq_len),
-        "B": evaluate(base, tokenizer.encode(TEXT_B), seq_len=settings.seq_len),
+        "A": evaluate_loss(base, tokenizer.encode(TEXT_A), seq_len=settings.seq_len),
+        "B": evaluate_loss(base, tokenizer.encode(TEXT_B), seq_len=settings.seq_len),
     }
 
     print("\n2) Adapting to text B: LoRA, then full fine-tuning, on the same batches")

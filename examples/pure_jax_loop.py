@@ -28,7 +28,15 @@ from flax import nnx
 from tqdm import tqdm
 
 import nnx_peft
-from nnx_peft.toy import TEXT_B, CharTokenizer, DecoderConfig, TinyDecoder, batches, next_token_loss
+from nnx_peft.toy import (
+    TEXT_B,
+    CharTokenizer,
+    DecoderConfig,
+    TinyDecoder,
+    batches,
+    evaluate_loss,
+    next_token_loss,
+)
 
 
 def make_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
@@ -45,17 +53,6 @@ def make_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
     return jax.jit(step, donate_argnums=(0, 2))
 
 
-@nnx.jit
-def loss_on(model: nnx.Module, x: jax.Array, y: jax.Array) -> jax.Array:
-    return next_token_loss(model(x), y)
-
-
-def evaluate(model: nnx_peft.PeftModel, ids: np.ndarray, *, seq_len: int) -> float:
-    """Mean next-token loss over fixed windows of ``ids`` (the same windows every call)."""
-    data = batches(ids, batch_size=32, seq_len=seq_len, seed=123)
-    return sum(float(loss_on(model, *next(data))) for _ in range(4)) / 4
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a few steps only (CI)")
@@ -70,7 +67,7 @@ def main() -> int:
     config = nnx_peft.LoraConfig(rank=16, alpha=32.0, target=r".*(q_proj|v_proj|up_proj|down_proj)")
     sample = jnp.zeros((1, seq_len), jnp.int32)
     model = nnx_peft.PeftModel(base, config, sample, rngs=nnx.Rngs(1))
-    before = evaluate(model, ids, seq_len=seq_len)
+    before = evaluate_loss(model, ids, seq_len=seq_len)
 
     graphdef, trainable, rest = model.split_trainable()
     del model  # its adapter arrays are donated to the first step below
@@ -94,7 +91,7 @@ def main() -> int:
         seconds.append(time.perf_counter() - start)
 
     model = nnx_peft.merge(graphdef, trainable, rest)
-    after = evaluate(model, ids, seq_len=seq_len)
+    after = evaluate_loss(model, ids, seq_len=seq_len)
     print(f"\nloss on text B: before {before:.3f} -> after {after:.3f}")
     print(f"step time (median, after compiling): {1000 * np.median(seconds[1:]):.1f} ms")
 

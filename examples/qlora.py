@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from finetune_lm import TARGET, Settings, data_b, evaluate, pretrain, train
+from finetune_lm import TARGET, Settings, data_b, pretrain, train
 from flax import nnx
 
 import nnx_peft
-from nnx_peft.toy import TEXT_A, TEXT_B, CharTokenizer
+from nnx_peft.toy import TEXT_A, TEXT_B, CharTokenizer, evaluate_loss
 
 # nf4 with one scale per 16 weights along each weight's innermost contracting axis. It
 # must divide that axis for every target: o_proj contracts over (heads, head_dim=16).
@@ -66,7 +66,7 @@ def main() -> int:
     ids_a, ids_b = tokenizer.encode(TEXT_A), tokenizer.encode(TEXT_B)
     print("1) Pretraining the base model on text A (all weights, float32)")
     base = pretrain(tokenizer, settings)
-    float_loss_a = evaluate(base, ids_a, seq_len=settings.seq_len)
+    float_loss_a = evaluate_loss(base, ids_a, seq_len=settings.seq_len)
 
     print(f"\n2) Wrapping with LoRA (rank 8) over an nf4 base (tile size {TILE_SIZE})")
     config = nnx_peft.LoraConfig(
@@ -92,10 +92,10 @@ def main() -> int:
         f"{nbytes(nnx.state(model, model.trainable_filter)) / 1024:.1f} KiB in float32; your "
         "`base` keeps the float weights alive until you drop it)"
     )
-    quantized_loss_a = evaluate(model, ids_a, seq_len=settings.seq_len)
+    quantized_loss_a = evaluate_loss(model, ids_a, seq_len=settings.seq_len)
     print(f"loss on text A: float32 base {float_loss_a:.3f}, nf4 base {quantized_loss_a:.3f}")
 
-    before = evaluate(model, ids_b, seq_len=settings.seq_len)
+    before = evaluate_loss(model, ids_b, seq_len=settings.seq_len)
     print(f"\n3) Training the adapters on text B (loss on B before: {before:.3f})")
     frozen = snapshot(nnx.state(model, nnx.Not(model.trainable_filter)))
     optimizer = model.make_optimizer(optax.adamw(1e-2))
@@ -107,7 +107,7 @@ def main() -> int:
         settings.finetune_steps,
         "QLoRA on B",
     )
-    after = evaluate(model, ids_b, seq_len=settings.seq_len)
+    after = evaluate_loss(model, ids_b, seq_len=settings.seq_len)
     print(f"\nloss on text B: before {before:.3f} -> after {after:.3f}")
     print(f"step time (median): {1000 * step_seconds:.1f} ms")
 

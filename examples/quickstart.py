@@ -30,6 +30,7 @@ from nnx_peft.toy import (
     DecoderConfig,
     TinyDecoder,
     batches,
+    evaluate_loss,
     next_token_loss,
 )
 
@@ -59,17 +60,6 @@ def train(
         loss = float(step(model, optimizer, *next(data)))
         bar.set_postfix(loss=f"{loss:.3f}")
     return loss
-
-
-@nnx.jit
-def loss_on(model: nnx.Module, x: jax.Array, y: jax.Array) -> jax.Array:
-    return next_token_loss(model(x), y)
-
-
-def evaluate(model: nnx.Module, ids, *, seq_len: int) -> float:
-    """Mean next-token loss over fixed windows of `ids` (the same windows every call)."""
-    data = batches(ids, batch_size=32, seq_len=seq_len, seed=123)
-    return sum(float(loss_on(model, *next(data))) for _ in range(4)) / 4
 
 
 @nnx.jit(static_argnums=2)
@@ -119,7 +109,7 @@ def main() -> int:
         f"({100 * summary.fraction:.2f}%) in {len(summary.adapters)} adapted weights"
     )
 
-    before = evaluate(model, ids_b, seq_len=seq_len)
+    before = evaluate_loss(model, ids_b, seq_len=seq_len)
     print(f"\n3) Training the adapters on text B (loss on B before: {before:.3f})")
     optimizer = model.make_optimizer(optax.adamw(1e-2))
     train(
@@ -130,7 +120,7 @@ def main() -> int:
         lora_steps,
         "lora",
     )
-    after = evaluate(model, ids_b, seq_len=seq_len)
+    after = evaluate_loss(model, ids_b, seq_len=seq_len)
 
     print(f"\nloss on text B: before {before:.3f} -> after {after:.3f}")
     sample = generate(model, tokenizer.encode("To bake bread, "), 30, seq_len)

@@ -259,3 +259,19 @@ def next_token_loss(logits: Float[Array, "b t v"], targets: Int[Array, "b t"]) -
     """Mean cross-entropy of next-token prediction."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+
+
+@nnx.jit
+def _window_loss(model: nnx.Module, x: np.ndarray, y: np.ndarray) -> jax.Array:
+    return next_token_loss(model(x), jnp.asarray(y))
+
+
+def evaluate_loss(model: nnx.Module, ids: np.ndarray, *, seq_len: int) -> float:
+    """Mean next-token loss of ``model`` over 4 batches of 32 random windows of ``ids``.
+
+    The windows are drawn with a fixed seed, so every call (before and after
+    training, say) scores the same text.
+    """
+    data = batches(ids, batch_size=32, seq_len=seq_len, seed=123)
+    losses = [float(_window_loss(model, *next(data))) for _ in range(4)]
+    return sum(losses) / len(losses)
