@@ -4,6 +4,10 @@ Prints, for the decoder of `Sizes` (default: 4 layers, width 512, MLP 1536, 8 he
 64, vocab 8192, sequence 256, batch 4, rank 16 on every attention and MLP projection):
 
 - LoRA train step / full fine-tune step (adamw, same model);
+- frozen-backward step / full fine-tune step: a step whose backward pass goes through
+  every (frozen) layer but computes no weight gradient (only the position embedding,
+  at the model's input, trains), the floor under any adapter method on this machine;
+- LoRA train step / frozen-backward step: what the adapters themselves cost;
 - nnx_peft LoRA step / hand-written Qwix LoRA step;
 - DoRA train step / LoRA train step (same targets and rank; HF PEFT's DoRA is about 2x);
 - adapted (unmerged) forward / base forward;
@@ -71,7 +75,12 @@ def main() -> None:
     )
     by_hand_opt = nnx.Optimizer(by_hand, optax.adamw(1e-4), wrt=nnx.LoRAParam)
 
+    frozen = sizes.decoder()
+    input_only = nnx.PathContains("pos_embed")
+    frozen_opt = nnx.Optimizer(frozen, optax.adamw(1e-4), wrt=input_only)
+
     full_step = train_step_fn(nnx.Param)
+    frozen_step = train_step_fn(input_only)
     lora_step = train_step_fn(lora.trainable_filter)
     hand_step = train_step_fn(nnx.LoRAParam)
     dora_step = train_step_fn(dora.trainable_filter)
@@ -86,6 +95,7 @@ def main() -> None:
         {
             "full": lambda: full_step(full, full_opt, tokens),
             "lora": lambda: lora_step(lora, lora_opt, tokens),
+            "frozen": lambda: frozen_step(frozen, frozen_opt, tokens),
             "qwix": lambda: hand_step(by_hand, by_hand_opt, tokens),
             "dora": lambda: dora_step(dora, dora_opt, tokens),
             "base_fwd": lambda: forward(base, tokens[:, :-1]),
@@ -110,6 +120,8 @@ def main() -> None:
 
     print("\n| figure | measured | target |\n|---|---|---|")
     print(f"| LoRA train step / full fine-tune step | {ratio(times, 'lora', 'full')} | <= 0.72 |")
+    print(f"| frozen-backward step / full fine-tune step | {ratio(times, 'frozen', 'full')} | - |")
+    print(f"| LoRA train step / frozen-backward step | {ratio(times, 'lora', 'frozen')} | - |")
     print(
         f"| nnx_peft LoRA step / hand-written Qwix LoRA step | {ratio(times, 'lora', 'qwix')} "
         "| <= 1.02 |"

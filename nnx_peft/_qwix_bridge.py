@@ -55,7 +55,7 @@ from qwix._src.providers import lora as _qwix_lora
 from qwix._src.providers import ptq as _qwix_ptq
 from qwix._src.utils import flax_util as _flax_util
 
-from nnx_peft import _factors, _sharding
+from nnx_peft import _delta, _factors, _sharding
 from nnx_peft._adapter_state import (
     STATE_SUFFIX,
     AdapterState,
@@ -201,7 +201,7 @@ class PeftLoraProvider(qwix.LoraProvider):
         if rule is None or weight_name is None:
             return res
         spec = self._spec()
-        (lhs_ca, rhs_ca), (lhs_ba, rhs_ba) = dimension_numbers
+        (_, rhs_ca), (_, rhs_ba) = dimension_numbers
         rhs_ra = tuple(i for i in range(rhs.ndim) if i not in rhs_ca and i not in rhs_ba)
         contract_shape = tuple(rhs.shape[i] for i in rhs_ca)
         batch_shape = tuple(rhs.shape[i] for i in rhs_ba)
@@ -227,20 +227,14 @@ class PeftLoraProvider(qwix.LoraProvider):
             rhs,
         )
 
+        update_sub = _delta.dot_general_update_subscripts(sub, lhs.ndim, dimension_numbers)
+        weight_shape = tuple(rhs.shape)
+
         def update(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array) -> jax.Array:
-            delta = _qwix_lora._compute_lora_delta(
-                x,
-                lora_a,
-                lora_b,
-                lhs_ca,
-                lhs_ba,
-                contract_shape,
-                batch_shape,
-                remain_shape,
-                spec.rank,
-                precision=precision,
+            a, b = sub.views(lora_a, lora_b, weight_shape)
+            return _delta.low_rank_update(
+                x, a, b, update_sub, scale=spec.scale, precision=precision
             )
-            return delta * spec.scale
 
         template = _factors.dot_general_output(sub, res.ndim)
         return _add_update(res, weight_name, rule, lhs, rhs, adapter, update, template)
@@ -290,8 +284,20 @@ class PeftLoraProvider(qwix.LoraProvider):
             rhs,
         )
 
+        x_str, a_str, b_str = lora_einsum_str.split("->")[0].split(",")
+        update_sub = _delta.UpdateSubscripts(x_str, a_str, b_str, lora_einsum_str.split("->")[1])
+
         def update(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array) -> jax.Array:
-            return jax.numpy.einsum(lora_einsum_str, x, lora_a, lora_b, **kwargs) * spec.scale
+            return _delta.low_rank_update(
+                x,
+                lora_a,
+                lora_b,
+                update_sub,
+                scale=spec.scale,
+                precision=kwargs.get("precision"),
+                preferred_element_type=kwargs.get("preferred_element_type"),
+                out_sharding=kwargs.get("out_sharding"),
+            )
 
         template = _factors.einsum_output(sub, info.out)
         return _add_update(res, weight_name, rule, lhs, rhs, adapter, update, template)

@@ -27,22 +27,6 @@ USED_INTERNALS = [
     ),
     (
         "qwix._src.providers.lora",
-        "_compute_lora_delta",
-        [
-            "lhs",
-            "lora_a",
-            "lora_b",
-            "lhs_ca",
-            "lhs_ba",
-            "contract_shape",
-            "batch_shape",
-            "remain_shape",
-            "rank",
-            "precision",
-        ],
-    ),
-    (
-        "qwix._src.providers.lora",
         "_parse_einsum_str_for_lora",
         ["lhs_shape", "rhs_shape", "einsum_str", "lora_rank"],
     ),
