@@ -20,6 +20,7 @@ or random models (``tests/strategies.py``):
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from pathlib import Path
@@ -408,6 +409,33 @@ def test_gaussian_init_draws_a_with_std_one_over_rank() -> None:
     model = _wrap(base, jnp.ones((1, 512)), rank=4, init="gaussian").model
     assert float(jnp.std(model.kernel_lora_a.get_value())) == pytest.approx(0.25, rel=0.05)
     assert not model.kernel_lora_b.get_value().any()
+
+
+@given(
+    shape=st.lists(st.integers(1, 4), min_size=2, max_size=4).map(tuple),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_flat_draws_equal_the_jax_initializers_bit_for_bit(
+    shape: tuple[int, ...], dtype: Any, seed: int
+) -> None:
+    """The random starts are drawn flat (one compile per size, not per shape) and equal
+    what ``jax.nn.initializers`` draws for the shape."""
+    from nnx_peft import _initializers
+
+    key = jax.random.key(seed)
+    pairs = [
+        (_initializers.he_uniform, jax.nn.initializers.he_uniform()),
+        (
+            functools.partial(_initializers.normal, stddev=0.3),
+            jax.nn.initializers.normal(stddev=0.3),
+        ),
+        (_initializers.zeros, jax.nn.initializers.zeros),
+    ]
+    for ours, theirs in pairs:
+        got, want = ours(key, shape, dtype), theirs(key, shape, dtype)
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_weight_inits_refuse_what_they_cannot_factor() -> None:
