@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import string
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -99,7 +100,7 @@ def low_rank_update(
     scale: float,
     precision: jax.lax.PrecisionLike = None,
     preferred_element_type: jax.typing.DTypeLike | None = None,
-    out_sharding: jax.sharding.Sharding | None = None,
+    out_sharding: Any = None,
 ) -> jax.Array:
     """``scale * einsum(x, A, B)``, contracted as ``(x A) B`` over merged axes.
 
@@ -123,20 +124,26 @@ def low_rank_update(
         ...                 scale=0.5).tolist()[0]
         [6.0, 6.0, 6.0, 6.0, 6.0]
     """
-    kwargs = dict(precision=precision, preferred_element_type=preferred_element_type)
     operands = tuple(zip(sub.arrays[:3], (x, a, b), strict=True))
     sizes = {c: n for s, v in operands for c, n in zip(s, v.shape, strict=True)}
     repeated = any(len(set(s)) != len(s) for s in sub.arrays)  # a diagonal: nothing to merge
     runs = _runs(sub) if out_sharding is None and not repeated else {c: c for c in sizes}
     x, a, b = (v.reshape(_merged_shape(s, runs, sizes)) for s, v in operands)
     merged = UpdateSubscripts(*(_merged(s, runs) for s in sub.arrays))
-    projected = jnp.einsum(f"{merged.x},{merged.a}->{merged.projected}", x, a, **kwargs) * scale
+    projected = jnp.einsum(
+        f"{merged.x},{merged.a}->{merged.projected}",
+        x,
+        a,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
     out = jnp.einsum(
         f"{merged.projected},{merged.b}->{merged.out}",
-        projected,
+        projected * scale,
         b,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
         out_sharding=out_sharding,
-        **kwargs,
     )
     return out.reshape(tuple(sizes[c] for c in sub.out))
 

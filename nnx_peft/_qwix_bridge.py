@@ -426,7 +426,7 @@ def _add_update(
     rule: qwix.LoraRule,
     lhs: jax.Array,
     operand: Any,
-    adapter: tuple[jax.Array, jax.Array],
+    adapter: tuple[jax.Array, jax.Array] | None,
     update: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
     template: str,
 ) -> jax.Array:
@@ -438,10 +438,13 @@ def _add_update(
         rule: The Qwix rule (for the dropout rate).
         lhs: The matmul's input.
         operand: The matmul's weight operand.
-        adapter: ``(A, B)``.
+        adapter: ``(A, B)``, or ``None`` when this call created them (see ``_adapter``).
         update: ``(x, A, B) -> scale * x A B``, shaped like ``res``.
         template: The output's axes (``_factors.dot_general_output`` and the like).
     """
+    if adapter is None:
+        _dropout_layer(weight_name, rule)  # created with the adapter, not inside a later jit
+        return res
     module = _flax_util.get_current_module()
     layout: LoraLayout = getattr(module, weight_name + LAYOUT_SUFFIX)
     extras = {
@@ -481,17 +484,23 @@ def _float_operand(module: nnx.Module, weight_name: str, operand: Any) -> jax.Ar
     return jax.numpy.asarray(operand)
 
 
-def _dropout(weight_name: str, rule: qwix.LoraRule, lhs: jax.Array) -> jax.Array:
-    """Applies the adapter's dropout submodule, creating it on the first (init) pass."""
+def _dropout_layer(weight_name: str, rule: qwix.LoraRule) -> nnx.Dropout | None:
+    """The adapter's dropout submodule (``None`` at rate 0), created on the first call."""
     if rule.dropout == 0:
-        return lhs
+        return None
     module = _flax_util.get_current_module()
     name = weight_name + DROPOUT_SUFFIX
     layer = getattr(module, name, None)
     if layer is None:
         layer = nnx.Dropout(rule.dropout, rngs=module.qwix_rngs)
         setattr(module, name, layer)
-    return layer(lhs)
+    return layer
+
+
+def _dropout(weight_name: str, rule: qwix.LoraRule, lhs: jax.Array) -> jax.Array:
+    """Applies the adapter's dropout submodule (nothing at rate 0)."""
+    layer = _dropout_layer(weight_name, rule)
+    return lhs if layer is None else layer(lhs)
 
 
 def _canonical_sharding(boxed: Any) -> jax.sharding.NamedSharding | None:
@@ -514,8 +523,14 @@ def _adapter(
     layout: LoraLayout,
     sub: Subscripts,
     operand: Any,
-) -> tuple[jax.Array, jax.Array]:
-    """``(A, B)`` of the weight ``name`` of the current module, created as ``spec`` says.
+) -> tuple[jax.Array, jax.Array] | None:
+    """``(A, B)`` of the weight ``name`` of the current module, or ``None`` if this call
+    created them, as ``spec`` says.
+
+    A new adapter's update is zero: ``B`` starts at zero, or the weight becomes
+    the residual ``W - scale * A @ B`` while this call's base output was computed
+    from ``W``. The creating call (the wrapper's sample pass, or a dry run) so
+    adds nothing, and skips compiling the update's operations one by one.
 
     On creation, the layout records the spec's scale, update variant and
     ``sub``; the spec's initializer starts ``A`` and ``B`` (one that starts
@@ -577,7 +592,7 @@ def _adapter(
                 _flax_util.get_or_create_param(
                     name + suffix, lambda placed=placed: placed, nnx_param_type=AdapterParam
                 )
-    return lora_a, lora_b
+    return None
 
 
 def _dtype_and_boxed(param: Any) -> tuple[Any, Any]:
