@@ -45,6 +45,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.errors
 import jax
 import qwix
 from flax import nnx
@@ -569,9 +570,19 @@ def _adapter(
         lora_a_initializer=start.a,
         lora_b_initializer=start.b,
     )
-    lora_a, lora_b = _get_or_create_adapter(
-        name, rule, a_shape, b_shape, a_transpose, b_transpose, layout, operand
-    )
+    try:
+        lora_a, lora_b = _get_or_create_adapter(
+            name, rule, a_shape, b_shape, a_transpose, b_transpose, layout, operand
+        )
+    except flax.errors.TraceContextError as error:
+        raise UnsupportedLayerError(
+            f"Module {_module_path()!r} multiplies by its weight {name!r} inside a function that "
+            "JAX traces on its own (the @ operator and jnp.matmul are such functions; so is "
+            "any jax.jit, nnx.jit, nnx.scan or nnx.vmap inside the model's call), where no "
+            "adapter can be added to the module. Write the product with jnp.dot, jnp.einsum or "
+            "jax.lax.dot_general (nnx.Linear and nnx.Einsum do), or exclude the module with "
+            "LoraConfig.exclude."
+        ) from error
     weight = _float_operand(module, name, operand)
     if start.residual is not None:
         stored = _flax_util.unbox(param)

@@ -124,6 +124,40 @@ def test_method_without_matmul_in_call() -> None:
         )
 
 
+class _OwnTrace(nnx.Module):
+    """Multiplies by its weight inside a function JAX traces on its own."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+        self.w = nnx.Param(jnp.ones((4, 3)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.how == "@":
+            return x @ self.w[...]
+        if self.how == "jnp.matmul":
+            return jnp.matmul(x, self.w[...])
+        return jax.jit(jnp.dot)(x, self.w[...])
+
+
+class _Parent(nnx.Module):
+    def __init__(self, how: str) -> None:
+        self.inner = _OwnTrace(how)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("how", ["@", "jnp.matmul", "jax.jit"])
+@pytest.mark.parametrize("target", ["inner", "all-linear"])
+def test_a_product_inside_its_own_trace_is_unsupported(how: str, target: str) -> None:
+    with pytest.raises(
+        nnx_peft.UnsupportedLayerError,
+        match=r"Module 'inner' multiplies by its weight 'w' inside a function that JAX traces "
+        r"on its own .*jnp\.dot, jnp\.einsum or jax\.lax\.dot_general.*LoraConfig\.exclude",
+    ):
+        nnx_peft.PeftModel(_Parent(how), _config(target=target), jnp.ones((1, 4)), rngs=nnx.Rngs(0))
+
+
 def test_three_operand_einsum_is_unsupported() -> None:
     class Triple(nnx.Module):
         def __init__(self, rngs: nnx.Rngs) -> None:
