@@ -577,9 +577,9 @@ def _adapter(
     except flax.errors.TraceContextError as error:
         raise UnsupportedLayerError(
             f"Module {_module_path()!r} multiplies by its weight {name!r} inside a function that "
-            "JAX traces on its own (the @ operator and jnp.matmul are such functions; so is "
-            "any jax.jit, nnx.jit, nnx.scan or nnx.vmap inside the model's call), where no "
-            "adapter can be added to the module. Write the product with jnp.dot, jnp.einsum or "
+            "JAX traces on its own (the @ operator and jnp.matmul are such functions, and so "
+            "is a jax.jit inside the model's call), where no adapter can be added to the "
+            "module. Write the product with jnp.dot, jnp.einsum or "
             "jax.lax.dot_general (nnx.Linear and nnx.Einsum do), or exclude the module with "
             "LoraConfig.exclude."
         ) from error
