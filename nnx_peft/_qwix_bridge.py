@@ -26,6 +26,10 @@ provider, which needs Qwix's private helpers:
   variant decides how the update enters the output, and its maths lives there
   and in ``_factors``, not here. Only creating the extra arrays (DoRA's
   magnitude) and replacing a weight by its PiSSA/OLoRA residual happen here;
+- the update itself is computed by ``_delta.low_rank_update`` as two matrix
+  products over merged axes, which XLA differentiates without the transposed
+  copies Qwix's formulation costs; a call that creates an adapter skips its
+  (zero) update;
 - a recording provider lists the sample call's matmuls and output sizes,
   and a dry run (under ``jax.eval_shape``) looks weights up as an eager call
   does, for ``target='all-linear'`` and ``inspect_targets``.
