@@ -32,7 +32,7 @@ class Sizes:
     seq: int = 256
     batch: int = 4
     rank: int = 16
-    reps: int = 7
+    reps: int = 21
 
     def decoder(self, *, dtype: jnp.dtype = jnp.float32, seed: int = 0) -> TinyDecoder:
         cfg = DecoderConfig(
