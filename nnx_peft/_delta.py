@@ -13,7 +13,8 @@ same order (batch and sequence; an einsum layer's heads and head size), is
 merged into one axis by a free reshape first, so each einsum is a plain matrix
 product, which XLA contracts in place. The scale multiplies the thin ``x A``
 instead of the wide output. It is all ordinary JAX, so every transformation
-(``grad``, ``jvp``, ``vmap``, Hessians) applies.
+(``grad``, ``jvp``, ``vmap``, Hessians) applies. Under a mesh of several devices
+the axes stay as they are, so that their shardings apply unchanged.
 """
 
 from __future__ import annotations
@@ -112,8 +113,9 @@ def low_rank_update(
         scale: The adapter's scale.
         precision: Passed to both einsums.
         preferred_element_type: Passed to both einsums.
-        out_sharding: The output's sharding, as for ``jnp.einsum``; axes are
-            then kept as they are, so that the sharding applies.
+        out_sharding: The output's sharding, as for ``jnp.einsum``. With it, or
+            under a mesh of several devices (``jax.set_mesh``), axes are not
+            merged, so that shardings apply to them as they are.
 
     Returns:
         The update, laid out as ``sub.out``.
@@ -127,7 +129,12 @@ def low_rank_update(
     operands = tuple(zip(sub.arrays[:3], (x, a, b), strict=True))
     sizes = {c: n for s, v in operands for c, n in zip(s, v.shape, strict=True)}
     repeated = any(len(set(s)) != len(s) for s in sub.arrays)  # a diagonal: nothing to merge
-    runs = _runs(sub) if out_sharding is None and not repeated else {c: c for c in sizes}
+    mesh = jax.sharding.get_abstract_mesh()
+    # Merging an axis sharded on its own (sequence parallelism shards the sequence, the
+    # minor side of (batch, sequence)) would make XLA reshard the arrays; under a mesh
+    # of several devices, or with an explicit output sharding, axes stay as they are.
+    sharded = out_sharding is not None or (not mesh.empty and mesh.size > 1)
+    runs = {c: c for c in sizes} if sharded or repeated else _runs(sub)
     x, a, b = (v.reshape(_merged_shape(s, runs, sizes)) for s, v in operands)
     merged = UpdateSubscripts(*(_merged(s, runs) for s in sub.arrays))
     projected = jnp.einsum(

@@ -123,6 +123,26 @@ def test_axes_held_together_everywhere_are_merged(
     assert UpdateSubscripts(*(_delta._merged(s, runs) for s in sub.arrays)) == merged
 
 
+def _reshapes(fn: Any, *args: jax.Array) -> int:
+    return sum(e.primitive.name == "reshape" for e in jax.make_jaxpr(fn)(*args).eqns)
+
+
+def test_axes_stay_unmerged_under_a_mesh_of_several_devices() -> None:
+    """Merging (batch, sequence) would reshard a sequence-parallel input."""
+    sub = UpdateSubscripts("btd", "dr", "ro", "bto")
+    args = (_random((2, 3, 4), 0), _random((4, 2), 1), _random((2, 5), 2))
+
+    def update(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+        return _delta.low_rank_update(x, a, b, sub, scale=2.0)
+
+    assert _reshapes(update, *args) > 0
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ("seq",))):
+        assert _reshapes(update, *args) == 0
+        assert rel_error(update(*args), _reference(*args, sub, 2.0)) < F32_TOLERANCE
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("seq",))):
+        assert _reshapes(update, *args) > 0
+
+
 def test_dot_general_subscripts_match_dot_general() -> None:
     from nnx_peft import _factors
 
