@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from nnx_peft import _factors
 from nnx_peft._factors import Subscripts
 
 
@@ -70,7 +71,6 @@ def dot_general_update_subscripts(
     input's free axes, then the weight's remaining axes.
 
     Example:
-        >>> from nnx_peft import _factors
         >>> sub = _factors.dot_general_subscripts(2, contracting=(0,), batch=())
         >>> dot_general_update_subscripts(sub, 3, (((2,), (0,)), ((), ())))
         UpdateSubscripts(x='cda', a='ar', b='rb', out='cdb')
@@ -86,10 +86,12 @@ def dot_general_update_subscripts(
             x.append(sub.weight[rhs_ba[list(lhs_ba).index(axis)]])
         else:
             x.append(next(fresh))
-    batch = "".join(sub.weight[i] for i in rhs_ba)
-    free = "".join(c for axis, c in enumerate(x) if axis not in lhs_ca and axis not in lhs_ba)
-    remaining = "".join(c for i, c in enumerate(sub.weight) if i not in rhs_ca and i not in rhs_ba)
-    return UpdateSubscripts(x="".join(x), a=sub.a, b=sub.b, out=batch + free + remaining)
+    # The output's layout is the one merging and the variants use: fill its input axes in.
+    free = iter(c for axis, c in enumerate(x) if axis not in lhs_ca and axis not in lhs_ba)
+    out_ndim = lhs_ndim - len(lhs_ca) + len(sub.weight) - len(rhs_ca) - len(rhs_ba)
+    template = _factors.dot_general_output(sub, out_ndim)
+    out = "".join(next(free) if c == "." else c for c in template)
+    return UpdateSubscripts(x="".join(x), a=sub.a, b=sub.b, out=out)
 
 
 def low_rank_update(

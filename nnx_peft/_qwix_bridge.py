@@ -289,8 +289,9 @@ class PeftLoraProvider(qwix.LoraProvider):
             rhs,
         )
 
-        x_str, a_str, b_str = lora_einsum_str.split("->")[0].split(",")
-        update_sub = _delta.UpdateSubscripts(x_str, a_str, b_str, lora_einsum_str.split("->")[1])
+        operand_strs, out_str = lora_einsum_str.split("->")
+        x_str, a_str, b_str = operand_strs.split(",")
+        update_sub = _delta.UpdateSubscripts(x_str, a_str, b_str, out_str)
 
         def update(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array) -> jax.Array:
             return _delta.low_rank_update(
