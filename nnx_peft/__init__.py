@@ -5,28 +5,45 @@ from nnx_peft._config import WEIGHT_QTYPES as WEIGHT_QTYPES
 from nnx_peft._config import LoraConfig as LoraConfig
 from nnx_peft._errors import AdapterStateError as AdapterStateError
 from nnx_peft._errors import AlreadyWrappedError as AlreadyWrappedError
+from nnx_peft._errors import BaseWeightsMismatchError as BaseWeightsMismatchError
 from nnx_peft._errors import CheckpointExistsError as CheckpointExistsError
 from nnx_peft._errors import CheckpointMismatchError as CheckpointMismatchError
+from nnx_peft._errors import ConcurrentSaveError as ConcurrentSaveError
 from nnx_peft._errors import ConfigError as ConfigError
 from nnx_peft._errors import ConfigMismatchError as ConfigMismatchError
 from nnx_peft._errors import CorruptCheckpointError as CorruptCheckpointError
 from nnx_peft._errors import DtypeError as DtypeError
+from nnx_peft._errors import FusedWeightError as FusedWeightError
+from nnx_peft._errors import HfConfigError as HfConfigError
+from nnx_peft._errors import HfShapeError as HfShapeError
+from nnx_peft._errors import HfTensorPlacementError as HfTensorPlacementError
+from nnx_peft._errors import LayerStackError as LayerStackError
 from nnx_peft._errors import MissingDependencyError as MissingDependencyError
+from nnx_peft._errors import NeedsBaseWeightsError as NeedsBaseWeightsError
 from nnx_peft._errors import NoAdapterCreatedError as NoAdapterCreatedError
 from nnx_peft._errors import NotACheckpointError as NotACheckpointError
 from nnx_peft._errors import NotAModuleError as NotAModuleError
 from nnx_peft._errors import NothingTrainableError as NothingTrainableError
+from nnx_peft._errors import OptimizerError as OptimizerError
 from nnx_peft._errors import PeftError as PeftError
 from nnx_peft._errors import QuantizationError as QuantizationError
 from nnx_peft._errors import RngsError as RngsError
 from nnx_peft._errors import SampleInputsError as SampleInputsError
+from nnx_peft._errors import SampleShapeError as SampleShapeError
+from nnx_peft._errors import ScannedCheckpointError as ScannedCheckpointError
 from nnx_peft._errors import ShardingError as ShardingError
+from nnx_peft._errors import StackedPatternError as StackedPatternError
+from nnx_peft._errors import StepError as StepError
 from nnx_peft._errors import TargetNotFoundError as TargetNotFoundError
+from nnx_peft._errors import TileSizeError as TileSizeError
 from nnx_peft._errors import UnmergeableAdapterError as UnmergeableAdapterError
+from nnx_peft._errors import UnreachedTargetError as UnreachedTargetError
 from nnx_peft._errors import UnsupportedLayerError as UnsupportedLayerError
+from nnx_peft._errors import UnsupportedPeftFieldError as UnsupportedPeftFieldError
 from nnx_peft._injection import AdapterInfo as AdapterInfo
 from nnx_peft._peft_model import PeftModel as PeftModel
 from nnx_peft._peft_model import merge as merge
+from nnx_peft._planning import bytes_per_device as bytes_per_device
 from nnx_peft._summary import ParameterSummary as ParameterSummary
 from nnx_peft._targeting import ModuleTarget as ModuleTarget
 from nnx_peft._targeting import TargetReport as TargetReport
@@ -45,31 +62,48 @@ __all__ = [
     "AdapterParam",
     "AdapterStateError",
     "AlreadyWrappedError",
+    "BaseWeightsMismatchError",
     "CheckpointExistsError",
     "CheckpointMismatchError",
+    "ConcurrentSaveError",
     "ConfigError",
     "ConfigMismatchError",
     "CorruptCheckpointError",
     "DtypeError",
+    "FusedWeightError",
+    "HfConfigError",
+    "HfShapeError",
+    "HfTensorPlacementError",
+    "LayerStackError",
     "LoraConfig",
     "MissingDependencyError",
     "ModuleTarget",
+    "NeedsBaseWeightsError",
     "NoAdapterCreatedError",
     "NotACheckpointError",
     "NotAModuleError",
     "NothingTrainableError",
+    "OptimizerError",
     "ParameterSummary",
     "PeftError",
     "PeftModel",
     "QuantizationError",
     "RngsError",
     "SampleInputsError",
+    "SampleShapeError",
     "SavedParam",
+    "ScannedCheckpointError",
     "ShardingError",
+    "StackedPatternError",
+    "StepError",
     "TargetNotFoundError",
     "TargetReport",
+    "TileSizeError",
     "UnmergeableAdapterError",
+    "UnreachedTargetError",
     "UnsupportedLayerError",
+    "UnsupportedPeftFieldError",
+    "bytes_per_device",
     "inspect_targets",
     "merge",
 ]

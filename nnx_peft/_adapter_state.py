@@ -20,6 +20,9 @@ from nnx_peft._errors import AdapterStateError
 
 #: Attribute next to an adapted weight holding its :class:`AdapterState` (when not ACTIVE).
 STATE_SUFFIX = "_lora_state"
+#: Attribute next to a merged weight holding its values from before the merge (a Variable,
+#: so part of ``nnx.state``: see :func:`adapter_state`).
+UNMERGED_SUFFIX = "_lora_unmerged"
 
 
 class AdapterState(enum.Enum):
@@ -41,8 +44,17 @@ class AdapterState(enum.Enum):
 
 
 def adapter_state(module: nnx.Module, weight: str) -> AdapterState:
-    """The state of the adapter of ``module.<weight>``."""
+    """The state of the adapter of ``module.<weight>``.
+
+    A weight holding its pre-merge values (``<weight>_lora_unmerged``) is
+    merged even where the static attribute says otherwise: that happens when a
+    merged model's ``nnx.state`` is put into an unmerged one with
+    ``nnx.update``, which adds the variable but not the static attribute. The
+    weights are merged then, so the update must not be added again.
+    """
     state: AdapterState = getattr(module, weight + STATE_SUFFIX, AdapterState.ACTIVE)
+    if state is AdapterState.ACTIVE and weight + UNMERGED_SUFFIX in vars(module):
+        return AdapterState.MERGED
     return state
 
 

@@ -23,55 +23,94 @@ is on.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from nnx_peft._adapted import Adapted, AdaptedT
 from nnx_peft._checkpoint_format import (
     ADAPTER,
     DESCRIPTION,
     MODEL_STATE,
     OPTIMIZER,
     ArraySpec,
+    adapter_items,
     adapter_variables,
     array_variables,
     assign,
+    check_adapters,
     check_config,
     check_fit,
+    check_layers,
     describe,
     flatten,
     model_state_variables,
     nest,
     parse_description,
     quote,
+    require_enabled,
     require_unmerged,
     values,
     verify,
 )
 from nnx_peft._errors import (
     CheckpointExistsError,
+    ConcurrentSaveError,
     ConfigMismatchError,
     CorruptCheckpointError,
+    MissingDependencyError,
     NoAdapterCreatedError,
     NotACheckpointError,
+    OptimizerError,
     QuantizationError,
+    StepError,
     TargetNotFoundError,
     UnsupportedLayerError,
 )
 
-if TYPE_CHECKING:
-    from nnx_peft._peft_model import PeftModel
+try:
+    import fcntl
+except ImportError:  # not on Windows: saves there are not locked
+    fcntl = None  # type: ignore[assignment]
 
 
 def _directory(path: epath.PathLike) -> epath.Path:
-    """``path`` made absolute, as Orbax requires; URLs such as ``gs://...`` are kept as they are."""
+    """``path`` made absolute (``~`` expanded), as Orbax requires; URLs are kept as they are.
+
+    Raises:
+        MissingDependencyError: A URL (``gs://...``) whose file system package is missing.
+    """
     text = os.fspath(path)
-    return epath.Path(text if "://" in text else os.path.abspath(text))
+    if "://" not in text:
+        return epath.Path(os.path.abspath(os.path.expanduser(text)))
+    directory = epath.Path(text)
+    try:
+        directory.exists()
+    except ImportError as err:
+        raise MissingDependencyError(
+            f"The checkpoint path {text} needs a file system package that is not installed "
+            f"({err}). For gs:// paths: pip install gcsfs. Or use a local path."
+        ) from err
+    return directory
+
+
+def _check_parents(directory: epath.Path) -> None:
+    """Raises :class:`CheckpointExistsError` if a parent of ``directory`` is a file."""
+    for parent in directory.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CheckpointExistsError(
+                    f"{parent} is a file, so no checkpoint directory can be made at "
+                    f"{directory} inside it; nnx_peft does not replace it. Choose another path."
+                )
+            return
 
 
 def _reader(directory: epath.Path) -> ocp.CheckpointManager:
@@ -95,6 +134,11 @@ def find_step(manager: ocp.AbstractCheckpointManager, step: int | None, where: s
     Raises:
         NotACheckpointError: There is no such step (or no step at all).
     """
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int | np.integer)):
+        raise StepError(
+            f"step must be a whole number (an int) or None for the newest step; got "
+            f"{type(step).__name__} {step!r}. Pass e.g. step=100."
+        )
     steps = sorted(manager.all_steps())
     if not steps:
         raise NotACheckpointError(
@@ -103,6 +147,7 @@ def find_step(manager: ocp.AbstractCheckpointManager, step: int | None, where: s
         )
     if step is None:
         return steps[-1]
+    step = int(step)
     if step not in steps:
         raise NotACheckpointError(
             f"{where} has no step {step}; its steps are {steps}. Pass one of them, or "
@@ -175,8 +220,11 @@ def restore_into(
     variables: Mapping[str, Mapping[str, nnx.Variable[Any]]],
     specs: Mapping[str, Mapping[str, ArraySpec]],
     where: str,
+    check: Callable[[], None] = lambda: None,
 ) -> None:
     """Checks ``step`` against ``variables`` (per item), reads, verifies, and only then assigns.
+
+    ``check`` runs once the arrays are known to fit, before anything is read.
 
     Raises:
         NotACheckpointError: The checkpoint lacks one of the items.
@@ -192,6 +240,7 @@ def restore_into(
                 "optimizer, or point to a checkpoint written by save_training_checkpoint."
             )
         check_fit(item, arrays, specs[item], where)
+    check()
     restored = _restore(manager, step, live, where)
     verify(restored, specs, where)
     assign(variables, restored)
@@ -200,8 +249,12 @@ def restore_into(
 # --- Adapter checkpoints -------------------------------------------------------------------
 
 
-def _adapter_variables(model: PeftModel) -> dict[str, dict[str, nnx.Variable[Any]]]:
-    return {ADAPTER: adapter_variables(model)}
+def _adapter_variables(
+    model: Adapted, data: Any = None, specs: Mapping[str, Any] | None = None
+) -> dict[str, dict[str, nnx.Variable[Any]]]:
+    """What an adapter checkpoint holds (or, given a checkpoint's description, held)."""
+    version = data.get("format_version") if isinstance(data, dict) else None
+    return adapter_items(model, specs, version)
 
 
 def _existing_step(directory: epath.Path) -> int | None:
@@ -232,7 +285,7 @@ def _existing_step(directory: epath.Path) -> int | None:
             return None
         latest = max(steps)
         try:
-            read_description(manager, latest, str(directory))
+            data = read_description(manager, latest, str(directory))
         except NotACheckpointError as err:
             raise CheckpointExistsError(
                 f"{directory} holds an Orbax checkpoint that is not an nnx_peft adapter "
@@ -240,11 +293,20 @@ def _existing_step(directory: epath.Path) -> int | None:
                 "another path."
             ) from err
         except CorruptCheckpointError:
-            pass  # a damaged nnx_peft checkpoint may be replaced
+            return latest  # a damaged nnx_peft checkpoint may be replaced
+        arrays = data.get("arrays") if isinstance(data, dict) else None
+        if isinstance(arrays, dict) and OPTIMIZER in arrays:
+            raise CheckpointExistsError(
+                f"{directory} holds a training run (steps {sorted(steps)}, with optimizer "
+                "state, written by save_training_checkpoint); save_adapter would replace all "
+                "of it by one adapter step, so it does not, even with overwrite=True. Save the "
+                "adapter to another path, or delete the run first if you mean to (e.g. "
+                "shutil.rmtree(path))."
+            )
         return latest
 
 
-def save_adapter(model: PeftModel, path: epath.PathLike, *, overwrite: bool) -> None:
+def save_adapter(model: Adapted, path: epath.PathLike, *, overwrite: bool) -> None:
     """Writes ``model``'s adapters and description as a new step at ``path``.
 
     With ``overwrite=True`` the new step is committed before the old one is
@@ -254,18 +316,77 @@ def save_adapter(model: PeftModel, path: epath.PathLike, *, overwrite: bool) -> 
         CheckpointExistsError: ``path`` holds a checkpoint and ``overwrite`` is
             False, or holds something that is not an nnx_peft checkpoint.
     """
+    require_enabled(model, "save_adapter")
     directory = _directory(path)
-    latest = _existing_step(directory)
-    if latest is not None and not overwrite:
-        raise CheckpointExistsError(
-            f"{directory} already holds an adapter checkpoint (step {latest}). Pass "
-            "overwrite=True to replace it (the old one stays until the new one is complete), "
-            "or choose another path."
-        )
-    arrays = {item: values(v) for item, v in _adapter_variables(model).items()}
-    description = describe(model, arrays)
-    with _writer(directory) as manager:
-        manager.save(0 if latest is None else latest + 1, args=_save_args(description, arrays))
+    _check_parents(directory)
+    with _exclusive(directory):
+        latest = _existing_step(directory)
+        if latest is not None and not overwrite:
+            raise CheckpointExistsError(
+                f"{directory} already holds an adapter checkpoint (step {latest}). Pass "
+                "overwrite=True to replace it (the old one stays until the new one is "
+                "complete), or choose another path."
+            )
+        arrays = {item: values(v) for item, v in _adapter_variables(model).items()}
+        description = describe(model, arrays)
+        with _writer(directory) as manager:
+            manager.save(0 if latest is None else latest + 1, args=_save_args(description, arrays))
+
+
+@contextlib.contextmanager
+def _exclusive(directory: epath.Path) -> Iterator[None]:
+    """Holds an exclusive lock on the checkpoint directory (created if missing) for the block.
+
+    Two saves to one path would otherwise interleave their Orbax steps and
+    clean-ups, and could delete the previous checkpoint. The lock is
+    ``fcntl.flock`` on the directory itself, so no lock file is left behind; the
+    kernel releases it if the process dies. In a multi-process job, whose
+    processes save together, the first process takes the lock and tells the
+    others whether it got it. Local paths only: saves to URLs (``gs://...``) and
+    on systems without ``fcntl`` are not locked.
+
+    Raises:
+        CheckpointExistsError: ``directory`` is a file.
+        ConcurrentSaveError: Another save holds the lock.
+    """
+    if "://" in str(directory) or fcntl is None:
+        yield
+        return
+    if directory.exists() and not directory.is_dir():
+        _existing_step(directory)  # raises, naming the file
+    primary = jax.process_index() == 0
+    created = not directory.exists()
+    handle = None
+    acquired = True
+    if primary:
+        os.makedirs(directory, exist_ok=True)
+        handle = os.open(directory, os.O_RDONLY)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            acquired = False
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        acquired = bool(multihost_utils.broadcast_one_to_all(np.int32(acquired)))
+    try:
+        if not acquired:
+            raise ConcurrentSaveError(
+                f"Another save to {directory} is under way (it holds the directory's lock), "
+                "so this one stopped before writing anything; the checkpoint already there "
+                "is untouched. Save to another path, or retry once the other save has "
+                "finished."
+            )
+        try:
+            yield
+        except BaseException:
+            if created and primary:
+                with contextlib.suppress(OSError):
+                    os.rmdir(directory)  # only if still empty: a new, failed save leaves nothing
+            raise
+    finally:
+        if handle is not None:
+            os.close(handle)  # releases the lock
 
 
 def _open(path: epath.PathLike, step: int | None) -> tuple[ocp.CheckpointManager, int, str, Any]:
@@ -281,7 +402,7 @@ def _open(path: epath.PathLike, step: int | None) -> tuple[ocp.CheckpointManager
         raise
 
 
-def load_adapter(model: PeftModel, path: epath.PathLike, *, step: int | None) -> None:
+def load_adapter(model: Adapted, path: epath.PathLike, *, step: int | None) -> None:
     """Loads the adapters of ``path`` into ``model`` after checking everything.
 
     Raises:
@@ -293,11 +414,32 @@ def load_adapter(model: PeftModel, path: epath.PathLike, *, step: int | None) ->
     with manager:
         config, specs = parse_description(data, where)
         check_config(model.config, config, where)
-        restore_into(manager, step, _adapter_variables(model), specs, where)
+        _restore_adapters(manager, step, model, data, specs, where)
+
+
+def _restore_adapters(
+    manager: ocp.CheckpointManager,
+    step: int,
+    model: Adapted,
+    data: Mapping[str, Any],
+    specs: Mapping[str, Any],
+    where: str,
+) -> None:
+    """Restores an adapter checkpoint into ``model`` after checking that it describes
+    ``model``'s adapters (stacked the same way, same shapes and scales)."""
+    check_layers(data, model, where)
+    restore_into(
+        manager,
+        step,
+        _adapter_variables(model, data, specs),
+        specs,
+        where,
+        lambda: check_adapters(data, model, where),
+    )
 
 
 def from_pretrained(
-    cls: type[PeftModel],
+    cls: Callable[..., AdaptedT],
     base_model: nnx.Module,
     path: epath.PathLike,
     sample_args: tuple[Any, ...],
@@ -305,7 +447,7 @@ def from_pretrained(
     *,
     rngs: nnx.Rngs,
     step: int | None,
-) -> PeftModel:
+) -> AdaptedT:
     """Wraps ``base_model`` with the saved config and loads the saved adapters into it.
 
     Raises:
@@ -317,7 +459,7 @@ def from_pretrained(
     with manager:
         config, specs = parse_description(data, where)
         try:
-            model = cls(base_model, config, *sample_args, rngs=rngs, **sample_kwargs)
+            model = cls(base_model, config, *sample_args, rngs=rngs, sample_kwargs=sample_kwargs)
         except (
             TargetNotFoundError,
             NoAdapterCreatedError,
@@ -330,26 +472,37 @@ def from_pretrained(
                 f"{data.get('base_model')}): {err}\nLoad it onto the kind of base model it was "
                 "trained on."
             ) from err
-        restore_into(manager, step, _adapter_variables(model), specs, where)
+        _restore_adapters(manager, step, model, data, specs, where)
     return model
 
 
 # --- Training checkpoints ----------------------------------------------------------------------
 
 
+def require_optimizer(optimizer: Any, action: str) -> None:
+    """Raises :class:`OptimizerError` unless ``optimizer`` is an ``nnx.Optimizer``."""
+    if not isinstance(optimizer, nnx.Optimizer):
+        raise OptimizerError(
+            f"{action} takes the nnx.Optimizer training the model, whose state it saves or "
+            f"restores; got {type(optimizer).__qualname__}. Pass the optimizer, e.g. from "
+            "model.make_optimizer(optax.adamw(1e-4)); to save the adapters alone, use "
+            "model.save_adapter(path)."
+        )
+
+
 def _training_variables(
-    model: PeftModel, optimizer: nnx.Optimizer[Any]
+    model: Adapted, optimizer: nnx.Optimizer[Any]
 ) -> dict[str, dict[str, nnx.Variable[Any]]]:
     """Everything training changes: adapters, optimizer arrays, non-``Param`` model arrays."""
     return {
-        **_adapter_variables(model),
+        ADAPTER: adapter_variables(model),
         OPTIMIZER: array_variables(optimizer, nnx.Variable),
         MODEL_STATE: model_state_variables(model),
     }
 
 
 def save_training_checkpoint(
-    model: PeftModel,
+    model: Adapted,
     manager: ocp.AbstractCheckpointManager,
     step: int,
     optimizer: nnx.Optimizer[Any],
@@ -359,6 +512,8 @@ def save_training_checkpoint(
     Returns:
         Whether a checkpoint was started (``manager``'s save policy may skip ``step``).
     """
+    require_enabled(model, "save_training_checkpoint")
+    require_optimizer(optimizer, "save_training_checkpoint")
     if not manager.should_save(step):
         return False
     arrays = {item: values(v) for item, v in _training_variables(model, optimizer).items()}
@@ -366,7 +521,7 @@ def save_training_checkpoint(
 
 
 def restore_training_checkpoint(
-    model: PeftModel,
+    model: Adapted,
     manager: ocp.AbstractCheckpointManager,
     optimizer: nnx.Optimizer[Any],
     *,
@@ -379,10 +534,20 @@ def restore_training_checkpoint(
         CheckpointMismatchError: see :meth:`PeftModel.restore_training_checkpoint`.
     """
     require_unmerged(model, "restore_training_checkpoint")
+    require_optimizer(optimizer, "restore_training_checkpoint")
     directory = str(manager.directory)
     step = find_step(manager, step, directory)
     where = f"{directory} (step {step})"
-    config, specs = parse_description(read_description(manager, step, where), where)
+    data = read_description(manager, step, where)
+    config, specs = parse_description(data, where)
+    check_layers(data, model, where)
     check_config(model.config, config, where)
-    restore_into(manager, step, _training_variables(model, optimizer), specs, where)
+    restore_into(
+        manager,
+        step,
+        _training_variables(model, optimizer),
+        specs,
+        where,
+        lambda: check_adapters(data, model, where),
+    )
     return step

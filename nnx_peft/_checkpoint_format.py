@@ -3,14 +3,22 @@
 Shared by the Orbax checkpoints (``_checkpoint.py``) and the safetensors
 export (``_safetensors.py``). A description is JSON:
 
-- ``format``, ``format_version``: what this is, so anything else is refused;
+- ``format``, ``format_version``: what this is, so anything else is refused; a newer
+  version says which nnx_peft to upgrade to, older versions load (see
+  :data:`FORMAT_VERSION`);
 - ``nnx_peft_version``, ``base_model``: who wrote it, from which model class;
 - ``config``: the full ``LoraConfig`` (``LoraConfig.to_dict()``);
 - ``adapters``: every adapter's module path, weight, factor shapes, dtype,
   rank, scale, variant and (DoRA) magnitude shape;
 - ``arrays``: per stored item (``adapter``, and for training checkpoints
   ``optimizer`` and ``model_state``) and per variable path relative to the
-  wrapped model, the ``shape``, ``dtype`` and ``checksum`` of the array.
+  wrapped model, the ``shape``, ``dtype`` and ``checksum`` of the array;
+- ``description_checksum`` (version 2): the SHA-256 of the rest of the description
+  (:func:`description_checksum`), so an edited or damaged field, ``alpha`` say, is
+  refused instead of loaded.
+
+The recorded ``adapters`` entries (shapes, rank, scale, variant) are also
+compared with the adapters of the model built to load into.
 
 Arrays are checked against the live model (keys, shapes, dtypes; never cast)
 before anything is read, and against their checksums after reading, before
@@ -21,14 +29,17 @@ byte inside its data files without complaint.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nnx_peft import _saved_modules
+from nnx_peft import _merging, _saved_modules
+from nnx_peft._adapted import Adapted
 from nnx_peft._config import LoraConfig
 from nnx_peft._errors import (
     AdapterStateError,
@@ -37,20 +48,24 @@ from nnx_peft._errors import (
     ConfigMismatchError,
     CorruptCheckpointError,
     NotACheckpointError,
+    ScannedCheckpointError,
 )
 from nnx_peft._injection import path_string
 from nnx_peft._qwix_bridge import unwrapped_type
 from nnx_peft._variables import AdapterParam, InitialFactor
 
-if TYPE_CHECKING:
-    from nnx_peft._peft_model import PeftModel
-
-#: Value of the description's ``format`` field, and the version this code reads and writes.
+#: Value of the description's ``format`` field.
 FORMAT = "nnx_peft.adapter_checkpoint"
-FORMAT_VERSION = 1
+#: The format version this code writes. It reads every version from 1 to this one; a newer
+#: version is refused with the nnx_peft version to upgrade to. Version 1 had no
+#: ``description_checksum`` (and, in its first releases, fewer ``adapters`` fields).
+FORMAT_VERSION = 2
+#: Key of the description's own checksum (format version 2 on).
+DESCRIPTION_CHECKSUM = "description_checksum"
 
 #: Orbax item names inside a step directory.
 ADAPTER, DESCRIPTION, OPTIMIZER, MODEL_STATE = "adapter", "description", "optimizer", "model_state"
+BASE_STATE = "base_state"
 
 #: The weights an adapter checkpoint holds: every adapter nnx_peft created (factors, DoRA
 #: magnitudes, parameters of ``modules_to_save``); see :func:`adapter_variables`.
@@ -83,7 +98,7 @@ def array_variables(node: Any, where: nnx.filterlib.Filter) -> dict[str, nnx.Var
     }
 
 
-def adapter_variables(model: PeftModel) -> dict[str, nnx.Variable[Any]]:
+def adapter_variables(model: Adapted) -> dict[str, nnx.Variable[Any]]:
     """What an adapter checkpoint holds, by path relative to ``model.model``.
 
     Every :data:`SAVED_WEIGHTS` variable, and the other array state of the
@@ -94,7 +109,23 @@ def adapter_variables(model: PeftModel) -> dict[str, nnx.Variable[Any]]:
     return {**array_variables(model.model, SAVED_WEIGHTS), **_saved_modules.state(model.model)}
 
 
-def model_state_variables(model: PeftModel) -> dict[str, nnx.Variable[Any]]:
+def base_state_variables(model: Adapted) -> dict[str, nnx.Variable[Any]]:
+    """The base model's ``nnx.BatchStat`` variables outside the ``modules_to_save``.
+
+    A forward pass in training mode updates them (BatchNorm running means and
+    variances), so an adapter checkpoint stores them as its ``base_state`` item
+    (format version 2 on): without them a reloaded model would not compute what
+    the saved one did. Training checkpoints hold them in ``model_state``.
+    """
+    saved = adapter_variables(model)
+    return {
+        path: variable
+        for path, variable in array_variables(model.model, nnx.BatchStat).items()
+        if path not in saved
+    }
+
+
+def model_state_variables(model: Adapted) -> dict[str, nnx.Variable[Any]]:
     """The other array variables a training checkpoint holds (RNG state, batch statistics).
 
     Those of :func:`adapter_variables` are left out, and so are the initial
@@ -172,10 +203,24 @@ _checksum_jit = jax.jit(_checksum)
 
 
 def checksums(arrays: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, dict[str, str]]:
-    """Hex checksums of every array, per item and path; computed on device, fetched at once."""
-    sums = jax.device_get(
-        {item: {path: _checksum_jit(x) for path, x in a.items()} for item, a in arrays.items()}
-    )
+    """Hex checksums of every array, per item and path; computed on device, fetched at once.
+
+    On several processes, the checksum of an array spread over them is a collective
+    that every process must run in the same order. A two-process restore hung here,
+    both processes inside this loop (one run in three under load). The possible
+    causes: a different order of the mappings on each process, or asynchronously
+    dispatched programs running at once, whose collectives then pair up across
+    processes in thread order. So on several processes the checksums run one at a
+    time, in sorted order; on one, they overlap.
+    """
+    one_at_a_time = jax.process_count() > 1
+    sums: dict[str, dict[str, jax.Array]] = {}
+    for item in sorted(arrays):
+        sums[item] = {}
+        for path in sorted(arrays[item]):
+            checksum = _checksum_jit(arrays[item][path])
+            sums[item][path] = jax.block_until_ready(checksum) if one_at_a_time else checksum
+    sums = jax.device_get(sums)
     return {
         item: {path: f"{int(s[0]):08x}{int(s[1]):08x}" for path, s in item_sums.items()}
         for item, item_sums in sums.items()
@@ -185,7 +230,7 @@ def checksums(arrays: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, dict[s
 # --- The description -------------------------------------------------------------------------
 
 
-def describe(model: PeftModel, arrays: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, Any]:
+def describe(model: Adapted, arrays: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, Any]:
     """The JSON description of a checkpoint of ``model`` holding ``arrays`` (per item).
 
     Args:
@@ -199,23 +244,13 @@ def describe(model: PeftModel, arrays: Mapping[str, Mapping[str, jax.Array]]) ->
 
     base = unwrapped_type(model.model)
     sums = checksums(arrays)
-    return {
+    description = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "nnx_peft_version": __version__,
         "base_model": f"{base.__module__}.{base.__qualname__}",
         "config": model.config.to_dict(),
-        "adapters": [
-            {
-                **dataclasses.asdict(info),
-                "a_shape": list(info.a_shape),
-                "b_shape": list(info.b_shape),
-                "magnitude_shape": (
-                    None if info.magnitude_shape is None else list(info.magnitude_shape)
-                ),
-            }
-            for info in model.adapters()
-        ],
+        "adapters": _adapter_records(model.adapters()),
         "arrays": {
             item: {
                 path: {"shape": list(x.shape), "dtype": str(x.dtype), "checksum": sums[item][path]}
@@ -224,6 +259,38 @@ def describe(model: PeftModel, arrays: Mapping[str, Mapping[str, jax.Array]]) ->
             for item, item_arrays in arrays.items()
         },
     }
+    return {**description, DESCRIPTION_CHECKSUM: description_checksum(description)}
+
+
+def description_checksum(data: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of ``data`` but its :data:`DESCRIPTION_CHECKSUM`, as canonical JSON.
+
+    Canonical: sorted keys, no spaces, ASCII, so it does not depend on how the
+    JSON was written out.
+    """
+    rest = {k: v for k, v in data.items() if k != DESCRIPTION_CHECKSUM}
+    text = json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _adapter_records(infos: Any) -> list[dict[str, Any]]:
+    """``model.adapters()`` as the description's ``adapters`` entries."""
+    return [
+        {
+            # The layer fields only for scanned stacks: other descriptions stay as they were.
+            **{
+                k: v
+                for k, v in dataclasses.asdict(info).items()
+                if k not in ("layers", "layer_axis") or info.layers is not None
+            },
+            "a_shape": list(info.a_shape),
+            "b_shape": list(info.b_shape),
+            "magnitude_shape": (
+                None if info.magnitude_shape is None else list(info.magnitude_shape)
+            ),
+        }
+        for info in infos
+    ]
 
 
 def _spec(entry: Any) -> ArraySpec:
@@ -251,11 +318,21 @@ def parse_description(data: Any, where: str) -> tuple[LoraConfig, dict[str, dict
             f"{found!r}, expected {FORMAT!r}. Point to a directory written by "
             "PeftModel.save_adapter or PeftModel.save_training_checkpoint."
         )
-    if data.get("format_version") != FORMAT_VERSION:
+    version = data.get("format_version")
+    writer = data.get("nnx_peft_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CorruptCheckpointError(
+            f"The description of {where} has format_version {version!r}; a whole number from "
+            f"1 to {FORMAT_VERSION} was expected. It was edited or damaged after saving. "
+            "Restore it from a copy, or save the adapter again."
+        )
+    if version > FORMAT_VERSION:
+        from nnx_peft import __version__  # the package imports this module; import at call time
+
         raise NotACheckpointError(
-            f"{where} has checkpoint format version {data.get('format_version')!r} (written by "
-            f"nnx_peft {data.get('nnx_peft_version')!r}); this nnx_peft reads version "
-            f"{FORMAT_VERSION}. Install the nnx_peft version that wrote it."
+            f"{where} has checkpoint format version {version}, written by nnx_peft "
+            f"{writer!r}; this nnx_peft ({__version__}) reads versions 1 to {FORMAT_VERSION}. "
+            f"Upgrade nnx_peft to {writer} or newer: pip install -U 'nnx_peft>={writer}'."
         )
     try:
         config = LoraConfig.from_dict(data["config"])
@@ -265,12 +342,80 @@ def parse_description(data: Any, where: str) -> tuple[LoraConfig, dict[str, dict
         }
         if ADAPTER not in specs:
             raise KeyError(f"arrays[{ADAPTER!r}]")
+        if not isinstance(data["adapters"], list):
+            raise TypeError(f"adapters {data['adapters']!r} is not a list")
     except (KeyError, TypeError, AttributeError, ConfigError) as err:
         raise CorruptCheckpointError(
             f"The description of {where} is malformed ({type(err).__name__}: {err}); it was "
             "edited or damaged after saving. Restore it from a copy, or save the adapter again."
         ) from err
+    if version >= 2 and data.get(DESCRIPTION_CHECKSUM) != description_checksum(data):
+        raise CorruptCheckpointError(
+            f"The description of {where} does not match its own checksum "
+            f"({DESCRIPTION_CHECKSUM}): a field (the config's alpha or dropout, say) was "
+            "edited or damaged after saving, so none of it can be trusted; nothing was "
+            "loaded. Restore it from a copy, or save the adapter again."
+        )
     return config, specs
+
+
+def _stacks(entries: Any) -> dict[str, str]:
+    """``'<module>/<weight>'`` to ``'N layers on axis K'`` for each stacked adapter described."""
+    stacks = {}
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, dict) and entry.get("layers") is not None:
+            key = f"{entry.get('module_path')}/{entry.get('weight')}"
+            stacks[key] = f"{entry['layers']} layers on axis {entry.get('layer_axis')}"
+    return stacks
+
+
+def check_layers(data: Mapping[str, Any], model: Adapted, where: str) -> None:
+    """Raises :class:`ScannedCheckpointError` unless the checkpoint's adapters are stacked
+    (scanned layers) exactly where the model's are, the same way."""
+    saved = _stacks(data.get("adapters"))
+    live = _stacks([dataclasses.asdict(info) for info in model.adapters()])
+    if saved == live:
+        return
+    if saved and not live:
+        problem = (
+            f"holds stacked adapters of a scanned layer stack ({_listed(saved)}), but this "
+            "model's adapters are not stacked (an unrolled model?)"
+        )
+    elif live and not saved:
+        problem = (
+            "holds adapters that are not stacked (saved from an unrolled model?), but this "
+            f"model's are stacked ({_listed(live)})"
+        )
+    else:
+        problem = f"has the stacks {_listed(saved)}, but this model has {_listed(live)}"
+    raise ScannedCheckpointError(
+        f"{where} {problem}; nothing was loaded. nnx_peft does not convert between scanned and "
+        "unrolled layers: load the checkpoint into a model built the way the saved one was "
+        "(the same scan over layers, or the same unrolled layers)."
+    )
+
+
+def _listed(stacks: Mapping[str, str]) -> str:
+    return quote([f"{key}: {how}" for key, how in sorted(stacks.items())])
+
+
+def adapter_items(
+    model: Adapted, specs: Mapping[str, Any] | None = None, version: Any = FORMAT_VERSION
+) -> dict[str, dict[str, nnx.Variable[Any]]]:
+    """The variables an adapter checkpoint of ``model`` holds, per item.
+
+    With the ``specs`` of a checkpoint to load, ``base_state`` is left out
+    where that checkpoint cannot have it: format version 1, or a training
+    checkpoint (which keeps the base state in ``model_state``).
+    """
+    items = {ADAPTER: adapter_variables(model)}
+    base = base_state_variables(model)
+    cannot_have = (
+        specs is not None and BASE_STATE not in specs and (version == 1 or OPTIMIZER in specs)
+    )
+    if base and not cannot_have:
+        items[BASE_STATE] = base
+    return items
 
 
 def check_config(expected: LoraConfig, saved: LoraConfig, where: str) -> None:
@@ -286,6 +431,37 @@ def check_config(expected: LoraConfig, saved: LoraConfig, where: str) -> None:
         f"{'; '.join(diffs)}. Load it with PeftModel.from_pretrained(base_model, path, "
         "*sample_inputs, rngs=...), which builds the wrapper from the saved config."
     )
+
+
+def check_adapters(data: Mapping[str, Any], model: Adapted, where: str) -> None:
+    """Raises :class:`CorruptCheckpointError` if the recorded adapters are not ``model``'s.
+
+    ``model`` was built with the saved config, so its adapters (module paths,
+    shapes, dtype, rank, scale, variant) must be the recorded ones; fields an
+    older description lacks are not compared.
+    """
+    live = {(r["module_path"], r["weight"]): r for r in _adapter_records(model.adapters())}
+    recorded: dict[Any, Any] = {}
+    for entry in data["adapters"]:
+        if not isinstance(entry, dict):
+            recorded[repr(entry)] = entry
+        else:
+            recorded[(entry.get("module_path"), entry.get("weight"))] = entry
+    problems = [f"{key}: not in the model" for key in recorded if key not in live]
+    problems += [f"{key}: not recorded" for key in live if key not in recorded]
+    for key in live.keys() & recorded.keys():
+        problems += [
+            f"{key[0]!r}.{key[1]} {field}: recorded {value!r}, model {live[key][field]!r}"
+            for field, value in recorded[key].items()
+            if field in live[key] and value != live[key][field]
+        ]
+    if problems:
+        raise CorruptCheckpointError(
+            f"The adapters recorded in the description of {where} differ from those its own "
+            f"config creates: {quote(sorted(problems))}. The description was edited or "
+            "damaged after saving; nothing was loaded. Restore it from a copy, or save the "
+            "adapter again."
+        )
 
 
 def quote(paths: list[str]) -> str:
@@ -371,12 +547,29 @@ def assign(
             variable.set_value(arrays[item][path])
 
 
-def require_unmerged(model: PeftModel, action: str) -> None:
+def require_enabled(model: Adapted, action: str) -> None:
+    """Raises :class:`AdapterStateError` inside a ``disable_adapter()`` block.
+
+    The ``modules_to_save`` hold their values from before training there: a
+    save would write those instead of the trained ones, and values loaded there
+    would be replaced by the trained ones when the block ends.
+    """
+    if _merging.is_disabled(model.model):
+        raise AdapterStateError(
+            f"{action} was called inside a `with model.disable_adapter():` block, where the "
+            "modules_to_save hold their values from before training and the adapters are "
+            "switched off: it would save or load the wrong values. Call it after the block."
+        )
+
+
+def require_unmerged(model: Adapted, action: str) -> None:
     """Raises :class:`AdapterStateError` if ``model``'s adapters are merged into its weights.
 
     Loading new adapter values then would leave the old update in the base
     weights, and the forward pass (which skips merged adapters) would not see them.
+    Also raises inside a ``disable_adapter()`` block (:func:`require_enabled`).
     """
+    require_enabled(model, action)
     if model.merged:
         raise AdapterStateError(
             f"{action} needs unmerged adapters, but this model's adapters are merged into its "

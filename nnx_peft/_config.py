@@ -8,8 +8,12 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax.numpy as jnp
+import numpy as np
+
+from nnx_peft import _hf_config
 from nnx_peft._errors import ConfigError
-from nnx_peft._variants import scaling
+from nnx_peft._scaling import scaling
 
 #: Base-weight quantization types accepted for QLoRA (names Qwix understands).
 WEIGHT_QTYPES: tuple[str, ...] = ("nf4", "int4", "int8", "float8_e4m3fn")
@@ -69,7 +73,7 @@ def _pattern_values(
             f"match wins, in order) or a sequence of (regex, value) pairs; got "
             f"{type(value).__name__} {value!r}. Example: {field}={example}."
         )
-    pairs = tuple((pattern, v) for pattern, v in items)
+    pairs = tuple((pattern, _native(v)) for pattern, v in items)
     _patterns(field, [pattern for pattern, _ in pairs], allow_empty=True)
     seen: set[str] = set()
     for pattern, v in pairs:
@@ -85,6 +89,27 @@ def _pattern_values(
                 f"Example: {field}={example}."
             )
     return pairs
+
+
+def _adapter_dtype(value: object) -> str | None:
+    """``LoraConfig.adapter_dtype`` as a dtype name (``None`` stays ``None``), checked to float."""
+    if value is None:
+        return None
+    try:
+        dtype = jnp.dtype(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ConfigError(
+            f"LoraConfig.adapter_dtype must be a floating-point dtype or None; got {value!r}. "
+            "Use 'float32' (the default), 'bfloat16', or None for each weight's own dtype."
+        )
+    return dtype.name
+
+
+def _native(value: Any) -> Any:
+    """A NumPy scalar (``np.float32(2.0)``, ``np.int64(4)``) as the Python number it holds."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _positive_int(value: object) -> bool:
@@ -142,6 +167,14 @@ class LoraConfig:
         alpha_pattern: ``{regex: alpha}`` overriding ``alpha`` likewise.
         modules_to_save: Regex (or list) of module paths trained in full next to
             the adapters (a classification head, a norm, an embedding).
+        adapter_dtype: Floating-point dtype the adapters (and so their
+            gradients and optimizer state) are stored in, as a name or a NumPy/JAX
+            dtype; ``'float32'`` by default, as HF PEFT's
+            ``autocast_adapter_dtype=True``. ``None`` stores each adapter in its
+            weight's dtype (a QLoRA weight: that of its quantization scale),
+            so a bfloat16 base gets bfloat16 adapters. The update is computed
+            in the layer's compute dtype and the output keeps the base layer's
+            dtype either way (see ``docs/training.md#precision``).
 
     Raises:
         ConfigError: A field holds an invalid value; the message names it.
@@ -166,8 +199,11 @@ class LoraConfig:
     rank_pattern: Mapping[str, int] | Sequence[tuple[str, int]] = ()
     alpha_pattern: Mapping[str, float] | Sequence[tuple[str, float]] = ()
     modules_to_save: str | Sequence[str] = ()
+    adapter_dtype: Any = "float32"
 
     def __post_init__(self) -> None:
+        for field in ("rank", "alpha", "dropout", "tile_size"):  # np.int64(8) means 8
+            object.__setattr__(self, field, _native(getattr(self, field)))
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ConfigError(
                 f"LoraConfig.rank must be a positive int; got {self.rank!r}. "
@@ -217,6 +253,7 @@ class LoraConfig:
                     "tiles the base-weight quantization; set weight_qtype='nf4' (or another "
                     "of WEIGHT_QTYPES) or drop tile_size."
                 )
+        object.__setattr__(self, "adapter_dtype", _adapter_dtype(self.adapter_dtype))
         self._check_variants()
 
     def _check_variants(self) -> None:
@@ -295,3 +332,36 @@ class LoraConfig:
                 "The data may come from a newer nnx_peft; upgrade, or remove those fields."
             )
         return cls(**data)
+
+    @classmethod
+    def from_hf(cls, data: Mapping[str, Any]) -> LoraConfig:
+        """Builds a config from Hugging Face PEFT's field names (an ``adapter_config.json`` dict).
+
+        ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``,
+        ``exclude_modules``, ``use_rslora``, ``use_dora``, ``init_lora_weights``,
+        ``rank_pattern`` and ``alpha_pattern`` become ``rank``, ``alpha``,
+        ``dropout``, ``target``, ``exclude``, ``use_rslora``, ``use_dora``,
+        ``init``, ``rank_pattern`` and ``alpha_pattern``. Module names keep
+        PEFT's semantics, applied to ``/``-joined NNX paths: a list of
+        ``target_modules`` selects paths ending in one of its names, a string
+        is a regex matched in full, and a pattern key selects paths it ends.
+        Metadata fields (``task_type``, ``peft_version``, ...) are ignored.
+        To load a PEFT adapter folder with its weights, use
+        :meth:`PeftModel.from_hf_peft`.
+
+        Raises:
+            UnsupportedPeftFieldError: A field nnx_peft cannot reproduce is set
+                (``fan_in_fan_out=True``, ``bias`` other than ``'none'``,
+                ``layers_to_transform``, ``peft_type`` other than ``'LORA'``, ...).
+            HfConfigError: A field has a value of the wrong kind, or
+                ``target_modules`` is missing.
+
+        Example:
+            >>> import nnx_peft
+            >>> config = nnx_peft.LoraConfig.from_hf(
+            ...     {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+            ... )
+            >>> config.rank, config.alpha, config.target
+            (8, 16.0, ('(?:.*/)?(?:q_proj|v_proj)',))
+        """
+        return cls(**_hf_config.lora_kwargs(data))

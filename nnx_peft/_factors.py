@@ -177,6 +177,11 @@ def _summed(sub: Subscripts, x: str, y: str, keep: str) -> str:
     return "".join(c for c in dict.fromkeys(x + y) if not (c in x and c in y and c not in keep))
 
 
+#: Below this fraction of ``||w||^2``, the expanded square of :func:`feature_norms` has
+#: lost more than 2 bits to cancellation, and the norm is computed directly instead.
+CANCELLATION = 0.25
+
+
 def feature_norms(
     sub: Subscripts, weight: jax.Array, a: jax.Array, b: jax.Array, scale: float
 ) -> Float[Array, "*features"]:
@@ -185,7 +190,11 @@ def feature_norms(
     Computed as ``sqrt(||w||^2 + 2 scale <w, A b> + scale^2 ||A b||^2)`` per
     feature column ``w`` (with ``b`` its column of ``B``): contracting ``W``
     with ``A`` first costs ``rank`` times the weight's size and never builds a
-    weight-sized array, and ``A^T A`` is ``rank x rank``.
+    weight-sized array, and ``A^T A`` is ``rank x rank``. That sum cancels when
+    the adapted column is much shorter than ``w`` (its float32 error grows like
+    ``||w||^2 / ||w + scale A b||^2``), so where any feature's square falls below
+    :data:`CANCELLATION` times ``||w||^2``, the norms are those of the
+    materialised ``W + scale * A @ B`` instead (a ``lax.cond``: only then is it built).
     """
     w, k = sub.weight, sub.features
     r2 = next(c for c in string.ascii_letters if c not in w + sub.a + sub.b)  # a second rank
@@ -199,7 +208,17 @@ def feature_norms(
     aa = _summed(sub, sub.a, a2, keep=k + sub.b + b2)
     gram = jnp.einsum(f"{sub.a},{a2}->{aa}", a, a, precision=_HIGHEST)
     quadratic = jnp.einsum(f"{aa},{sub.b},{b2}->{k}", gram, b, b, precision=_HIGHEST)
-    return jnp.sqrt(jnp.maximum(squares + 2 * scale * cross + scale**2 * quadratic, 0.0))
+    expanded = squares + 2 * scale * cross + scale**2 * quadratic
+
+    def direct() -> jax.Array:
+        delta = jnp.einsum(f"{sub.a},{sub.b}->{w}", a, b, precision=_HIGHEST)
+        return exact_feature_norms(sub, weight + scale * delta)
+
+    def from_expansion() -> jax.Array:
+        return jnp.sqrt(jnp.maximum(expanded, 0.0))
+
+    cancels = jnp.any(expanded < CANCELLATION * squares)
+    return jax.lax.cond(cancels, direct, from_expansion)
 
 
 def exact_feature_norms(sub: Subscripts, weight: jax.Array) -> Float[Array, "*features"]:

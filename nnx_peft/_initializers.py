@@ -93,11 +93,13 @@ class Initializer(abc.ABC):
 
 
 # Random starts, drawn flat. JAX lays its counter-based random bits out in row-major
-# order, so drawing prod(shape) values and reshaping gives exactly the array a draw of
-# `shape` gives (tests/test_qwix_bridge.py compares with Qwix's own adapters bit for
-# bit). Wrapping compiles one draw per distinct size instead of per shape, and a 1-D
-# draw compiles several times faster on CPU than a 3-D one (0.16 s against 0.85 s for
-# an einsum adapter's (8, 64, 16) A).
+# order, and its initializers transform each bit pattern on its own (elementwise), so
+# drawing prod(shape) values and reshaping gives exactly the array a draw of `shape`
+# gives, on every JAX version tested (the formulas changed, the layout did not;
+# tests/test_qwix_bridge.py compares with Qwix's own adapters bit for bit). Wrapping
+# compiles one draw per distinct size instead of per shape, and a 1-D draw compiles
+# several times faster on CPU than a 3-D one (0.16 s against 0.85 s for an einsum
+# adapter's (8, 64, 16) A).
 
 
 def he_uniform(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
@@ -117,9 +119,13 @@ def he_uniform(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32)
 def normal(
     key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32, *, stddev: float
 ) -> jax.Array:
-    """``jax.nn.initializers.normal(stddev)(key, shape, dtype)``, drawn flat."""
-    values = jax.random.normal(key, (math.prod(shape),), dtype).reshape(shape)
-    return values * jnp.array(stddev, dtype)
+    """``jax.nn.initializers.normal(stddev)(key, shape, dtype)``, drawn flat.
+
+    JAX's own initializer draws the flat array, so this follows however the
+    installed JAX computes it (JAX 0.12 scales ``erf_inv`` of uniform bits, where
+    earlier versions scaled ``jax.random.normal``; the roundings differ).
+    """
+    return jax.nn.initializers.normal(stddev)(key, (math.prod(shape),), dtype).reshape(shape)
 
 
 def zeros(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:

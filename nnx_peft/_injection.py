@@ -3,26 +3,39 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import linecache
 import math
 import re
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, NoReturn
 
 import jax
 import qwix
 from flax import nnx
 
-from nnx_peft import _saved_modules
+from nnx_peft import _abstract, _saved_modules, _stacks
 from nnx_peft._config import ALL_LINEAR, LoraConfig
-from nnx_peft._errors import NoAdapterCreatedError, TargetNotFoundError
+from nnx_peft._errors import (
+    NoAdapterCreatedError,
+    PeftError,
+    QuantizationError,
+    SampleInputsError,
+    TargetNotFoundError,
+    UnreachedTargetError,
+    UnsupportedLayerError,
+)
 from nnx_peft._paths import is_under, module_paths, path_string
 from nnx_peft._qwix_bridge import (
+    LAYERS_WITH_LAYOUTS,
     LAYOUT_SUFFIX,
     LORA_A_SUFFIX,
     LORA_B_SUFFIX,
     CallRecord,
     LoraLayout,
     PeftLoraProvider,
+    apply_lora,
+    unwrapped_type,
 )
 from nnx_peft._variables import AdapterParam
 from nnx_peft._variants import MAGNITUDE_SUFFIX, AdapterPlan
@@ -38,13 +51,19 @@ class AdapterInfo:
         weight: Attribute name of the base weight in that module, e.g. ``kernel``.
         a_shape: Shape of ``<weight>_lora_a``.
         b_shape: Shape of ``<weight>_lora_b``.
-        dtype: Adapter dtype (that of the base weight, or of its quantization scale).
+        dtype: Adapter dtype (``LoraConfig.adapter_dtype``, or with ``None`` that of the
+            base weight or of its quantization scale).
         rank: The adapter's rank (``LoraConfig.rank`` or its ``rank_pattern``).
         scale: The factor of its update (``alpha / rank``, or ``alpha / sqrt(rank)``
             with ``use_rslora``, from its ``alpha_pattern`` and ``rank_pattern``).
         variant: ``'lora'``, or ``'dora'`` for a weight-decomposed adapter.
         magnitude_shape: Shape of a DoRA adapter's ``<weight>_lora_magnitude``
             (the weight's shape without its contracting axes), else ``None``.
+        layers: For a weight of a scanned layer stack, the number of layers
+            (each has its own adapter; the shapes above are the stacked ones,
+            with the layer axis at ``layer_axis``); ``None`` otherwise.
+        layer_axis: The layer axis of the weight and of its adapter's arrays,
+            or ``None``.
     """
 
     module_path: str
@@ -56,12 +75,19 @@ class AdapterInfo:
     scale: float
     variant: str = "lora"
     magnitude_shape: tuple[int, ...] | None = None
+    layers: int | None = None
+    layer_axis: int | None = None
 
     @property
     def size(self) -> int:
-        """Number of trained adapter parameters (A, B and a DoRA magnitude)."""
+        """Number of trained adapter parameters (A, B and a DoRA magnitude), all layers."""
         magnitude = math.prod(self.magnitude_shape) if self.magnitude_shape is not None else 0
         return math.prod(self.a_shape) + math.prod(self.b_shape) + magnitude
+
+    @property
+    def layer_size(self) -> int:
+        """Number of trained adapter parameters of one layer (``size`` if not stacked)."""
+        return self.size // (self.layers or 1)
 
 
 def is_all_linear(config: LoraConfig) -> bool:
@@ -87,13 +113,13 @@ def matching_pattern(config: LoraConfig, path: str) -> str | None:
     return next((p for p in config.target if matches(config, p, path)), None)
 
 
+def _owns_weight(module: nnx.Module) -> bool:
+    return any(isinstance(v, nnx.Param) for v in vars(module).values())
+
+
 def weight_holders(modules: dict[str, nnx.Module]) -> list[str]:
     """Paths of modules that own an ``nnx.Param`` directly (candidates for adapters)."""
-    return [
-        path
-        for path, module in modules.items()
-        if any(isinstance(v, nnx.Param) for v in vars(module).values())
-    ]
+    return [path for path, module in modules.items() if _owns_weight(module)]
 
 
 def check_targets_exist(config: LoraConfig, model: nnx.Module) -> None:
@@ -147,20 +173,51 @@ def iter_adapters(model: nnx.Module) -> Iterator[AdapterInfo]:
             lora_b = getattr(module, weight + LORA_B_SUFFIX)
             layout: LoraLayout = getattr(module, weight + LAYOUT_SUFFIX)
             magnitude = getattr(module, weight + MAGNITUDE_SUFFIX, None)
+            a_shape = tuple(value.get_value().shape)
+            axis = layout.layer_axis
+            layer_a_shape = a_shape if axis is None else a_shape[:axis] + a_shape[axis + 1 :]
             yield AdapterInfo(
                 module_path=path_string(path),
                 weight=weight,
-                a_shape=tuple(value.get_value().shape),
+                a_shape=a_shape,
                 b_shape=tuple(lora_b.get_value().shape),
                 dtype=str(value.get_value().dtype),
-                rank=int(value.get_value().shape[-1]),
+                rank=int(layer_a_shape[-1]),
                 scale=layout.scale,
                 variant=layout.update.name,
                 magnitude_shape=(None if magnitude is None else tuple(magnitude.get_value().shape)),
+                layers=None if axis is None else a_shape[axis],
+                layer_axis=axis,
             )
 
 
 # --- Running the provider ------------------------------------------------------------------
+
+
+def sample_keywords(
+    sample_kwargs: Mapping[str, Any] | None, keywords: dict[str, Any], where: str
+) -> dict[str, Any]:
+    """The sample call's keywords: ``sample_kwargs`` (any names) and ``**keywords`` together.
+
+    Raises:
+        SampleInputsError: ``sample_kwargs`` is no mapping of names, or names a
+            keyword that ``**keywords`` gives too.
+    """
+    if sample_kwargs is None:
+        return dict(keywords)
+    if not isinstance(sample_kwargs, Mapping) or not all(isinstance(k, str) for k in sample_kwargs):
+        raise SampleInputsError(
+            f"{where}(sample_kwargs=...) takes a dict of the sample call's keyword inputs by "
+            f"name; got {type(sample_kwargs).__qualname__} {sample_kwargs!r}. Example: "
+            "sample_kwargs={'rngs': nnx.Rngs(dropout=0), 'deterministic': False}."
+        )
+    both = sorted(set(sample_kwargs) & set(keywords))
+    if both:
+        raise SampleInputsError(
+            f"{where} got the sample keyword(s) {both} both in sample_kwargs and as keyword "
+            "arguments; give each once, in sample_kwargs."
+        )
+    return {**keywords, **sample_kwargs}
 
 
 def run(
@@ -178,9 +235,59 @@ def run(
 
     ``traced`` says that the call runs under ``jax.eval_shape`` to mirror an eager one.
     """
+    targets = tuple(targets)
+    source = ProviderKey(config, targets)
     plan = AdapterPlan.from_config(config)
     provider = PeftLoraProvider(rules(config, targets), plan, record=record, dry_run=traced)
-    return qwix.apply_lora_to_model(model, provider, *sample_args, rngs=rngs, **sample_kwargs)
+
+    def unreached(adapted: nnx.Module, reached: set[Any]) -> list[tuple[str, nnx.Module]]:
+        """Targeted modules owning a weight that the sample call gave no adapter:
+        NNX layers declaring their layouts (``LAYERS_WITH_LAYOUTS``), and other
+        modules the call did not run (``reached`` holds the Qwix paths of those
+        it ran).
+
+        A module that ran and got no adapter may do no matmul at all (a norm);
+        so may one of Flax's other layers (``nnx.LayerNorm``): those are left alone.
+        """
+        return [
+            (path, module)
+            for path, module in module_paths(adapted).items()
+            if any(matches(config, pattern, path) for pattern in targets)
+            and not any(isinstance(v, AdapterParam) for v in vars(module).values())
+            and (
+                isinstance(module, LAYERS_WITH_LAYOUTS)
+                or (
+                    getattr(module, "qwix_path", None) not in reached
+                    and _owns_weight(module)
+                    and not unwrapped_type(module).__module__.startswith("flax.")
+                )
+            )
+        ]
+
+    # A recording run (the probe of 'all-linear') reads the sample call's own matmuls only.
+    reach = unreached if record is None else None
+    return apply_lora(model, provider, source, sample_args, sample_kwargs, rngs, reach)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProviderKey:
+    """What an adapted model's provider is built from; equal configs give equal keys.
+
+    Stored on the adapted root module (a static attribute, so part of its graph
+    definition, and picklable), so that identical wraps have equal graph
+    definitions and share one provider.
+    """
+
+    config: LoraConfig
+    targets: tuple[str, ...]
+
+    def provider(self) -> PeftLoraProvider:
+        return _provider(self)
+
+
+@functools.cache
+def _provider(key: ProviderKey) -> PeftLoraProvider:
+    return PeftLoraProvider(rules(key.config, key.targets), AdapterPlan.from_config(key.config))
 
 
 def dry_run(
@@ -204,12 +311,15 @@ def dry_run(
     def traced(state: nnx.State) -> None:
         clone = nnx.merge(graphdef, state)
         rngs = nnx.Rngs(0)  # only shapes come out of this trace
-        adapted = run(
-            clone, config, targets, sample_args, sample_kwargs, rngs, record=record, traced=True
-        )
+        args, kwargs = _abstract.traced_inputs(_copy_nnx_inputs((sample_args, sample_kwargs)))
+        adapted = run(clone, config, targets, args, kwargs, rngs, record=record, traced=True)
         found.extend(iter_adapters(adapted))
 
-    jax.eval_shape(traced, state)
+    if not _abstract.has_abstract((sample_args, sample_kwargs)):
+        jax.eval_shape(traced, state)
+        return found
+    with _abstract.sample_shape_errors((sample_args, sample_kwargs), _failing_module_line):
+        jax.eval_shape(traced, state)
     return found
 
 
@@ -219,7 +329,8 @@ class AllLinear:
 
     Attributes:
         candidates: Modules that multiply by one of their own weights during
-            the sample call, in module order.
+            the sample call, and targeted layers it did not reach (NNX's linear
+            layers, and the user's modules owning a weight), in module order.
         head: The output head, left out: the module of the sample call's last
             intercepted matmul, if that matmul is on one of its own weights and
             its result has as many elements as the model's output (or one of
@@ -257,7 +368,22 @@ def all_linear(
     )
     record = CallRecord()
     found = dry_run(model, probe, (".*",), sample_args, sample_kwargs, record=record)
-    candidates = tuple(dict.fromkeys(info.module_path for info in found))
+    # Layers the sample call missed are candidates too: NNX's linear layers (their
+    # adapters come from their declared layouts), and the user's own modules owning a
+    # weight (the final wrap then refuses them, unless excluded, with UnreachedTargetError).
+    adapted = {info.module_path for info in found}
+    missed = [
+        path
+        for path, module in module_paths(model).items()
+        if path not in adapted
+        and _owns_weight(module)
+        and not isinstance(module, nnx.Embed)  # 'all-linear' leaves embeddings out, as HF PEFT
+        and (
+            isinstance(module, LAYERS_WITH_LAYOUTS)
+            or (path not in record.reached and not type(module).__module__.startswith("flax."))
+        )
+    ]
+    candidates = tuple(path for path in module_paths(model) if path in adapted or path in missed)
     head = None
     if record.ops:
         path, weight, size = record.ops[-1]
@@ -294,7 +420,13 @@ def inject(
         NoAdapterCreatedError: A target pattern matches modules but none got an
             adapter during the sample forward pass.
         ConfigError: A saved module is, or holds, an adapted module.
+        SampleShapeError: Abstract sample inputs (``jax.ShapeDtypeStruct``) have a
+            shape or dtype the model cannot take.
     """
+    if _abstract.has_abstract((sample_args, sample_kwargs)):
+        return _abstract.inject_abstract(
+            inject, model, config, sample_args, sample_kwargs, rngs, _failing_module_line
+        )
     saved = _saved_modules.select(config, model)
     if is_all_linear(config):
         resolved = all_linear(model, config, sample_args, sample_kwargs, saved)
@@ -310,17 +442,130 @@ def inject(
         check_targets_exist(config, model)
         targets = tuple(config.target)
     adapted = run(model, config, targets, sample_args, sample_kwargs, rngs)
+    if config.dropout:  # first: a scan that cannot carry dropout keys fails to trace too
+
+        def sample_call() -> None:
+            args, kwargs = _copy_nnx_inputs((sample_args, sample_kwargs))
+            adapted(*args, **kwargs)
+
+        _stacks.check_dropout_carried(adapted, sample_call)
+    _check_next_call(adapted, sample_args, sample_kwargs, quantized=config.weight_qtype is not None)
     # The sample call ran in whatever mode the model was in: it may have advanced
     # dropout RNG counters or updated batch statistics. Put every non-parameter
     # variable back as the base model has it, so the wrapper starts where it did.
     nnx.update(adapted, nnx.state(model, nnx.Not(nnx.Param)))
-    adapted_paths = {info.module_path for info in iter_adapters(adapted)}
+    infos = list(iter_adapters(adapted))
+    adapted_paths = {info.module_path for info in infos}
     if not is_all_linear(config):
         _check_every_target_adapted(config, adapted, adapted_paths)
-    _check_patterns_used(config, adapted_paths)
+    stacks = {i.module_path: i.layers for i in infos if i.layers is not None}
+    _check_patterns_used(config, adapted_paths, stacks)
     _saved_modules.check_disjoint(saved, adapted_paths)
     _saved_modules.mark(adapted, saved)
     return adapted
+
+
+def _copy_nnx_inputs(tree: Any) -> Any:
+    """``tree`` with its NNX objects (a model's call-time ``rngs=``) cloned.
+
+    Inside a trace, the sample call may advance the clones; the caller's stay as they are.
+    """
+    return jax.tree.map(
+        lambda x: nnx.clone(x) if isinstance(x, nnx.Pytree) else x,
+        tree,
+        is_leaf=lambda x: isinstance(x, nnx.Pytree),
+    )
+
+
+#: What a model that reads concrete values (a router in Python) raises when traced.
+_UNTRACEABLE = (
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerIntegerConversionError,
+    jax.errors.TracerArrayConversionError,
+)
+
+
+def _check_next_call(
+    adapted: nnx.Module,
+    sample_args: tuple[Any, ...],
+    sample_kwargs: dict[str, Any],
+    *,
+    quantized: bool,
+) -> None:
+    """Refuses a model whose next call would meet a targeted weight the wrap could not follow.
+
+    The sample call runs eagerly, where a matmul's operand is matched to a
+    weight by identity or shape only; a weight reshaped to another shape (or
+    a non-square weight transposed) is then not recognised and gets no
+    adapter. A traced call finds it through that operation, so the next
+    call, traced here (``jax.eval_shape``: nothing computed), tells. With
+    QLoRA (``quantized``) the sample call also quantized the weights at their
+    matmuls, and a transform a quantized weight does not support fails here
+    too. A model that cannot be traced as a whole (a router on concrete
+    values) is left to its eager calls.
+
+    Raises:
+        UnsupportedLayerError, QuantizationError: Naming the module and the
+            line of its operation.
+    """
+    graphdef, state = nnx.split(adapted)
+
+    def call(state: nnx.State) -> None:
+        args, kwargs = _copy_nnx_inputs((sample_args, sample_kwargs))
+        nnx.merge(graphdef, state)(*args, **kwargs)
+
+    try:
+        jax.eval_shape(call, state)
+    except _UNTRACEABLE:
+        return
+    except UnreachedTargetError as err:
+        # A transformed weight reaches its matmul unrecognised, and would want a new adapter.
+        _refuse_transform(err, quantized)
+    except PeftError:
+        raise
+    except (AttributeError, TypeError, ValueError) as err:
+        if quantized:
+            _refuse_transform(err, quantized)
+
+
+def _refuse_transform(err: Exception, quantized: bool) -> NoReturn:
+    """Raises ``QuantizationError`` (``quantized``) or ``UnsupportedLayerError`` for ``err``,
+    from a call on the adapted model (``err`` itself if no adapted module is in its traceback)."""
+    where = _failing_module_line(err)
+    if where is None:
+        raise err
+    path, line = where
+    if not quantized:
+        raise UnsupportedLayerError(
+            f"Module {path!r} is targeted and multiplies by a transform of its weight that the "
+            f"wrap cannot follow: {line!r}. The sample call matches a matmul's operand to a "
+            "weight as stored (possibly cast, or reshaped to its own shape); a weight reshaped "
+            "to another shape, or a non-square weight transposed, gets no adapter, so the call "
+            "would run without one. Multiply by the weight as stored (jnp.einsum can name its "
+            "axes instead of a reshape or transpose), or exclude the module with "
+            "LoraConfig.exclude."
+        ) from err
+    raise QuantizationError(
+        f"Module {path!r} transforms its QLoRA weight before the matmul in a way a "
+        f"quantized weight does not support: {line!r} failed with {type(err).__name__}: "
+        f"{err}. Casts (jnp.astype, jnp.asarray, .astype) and reshapes to the same shape "
+        "are followed; transposes and reshapes to another shape are not. Multiply by the "
+        "weight as stored (e.g. with jnp.einsum naming its axes), exclude the module with "
+        "LoraConfig.exclude, or use weight_qtype=None."
+    ) from err
+
+
+def _failing_module_line(err: BaseException) -> tuple[str, str] | None:
+    """The path of the innermost adapted module in ``err``'s traceback, and its source line."""
+    found = None
+    tb = err.__traceback__
+    while tb is not None:
+        module = tb.tb_frame.f_locals.get("self")
+        if isinstance(module, nnx.Module) and hasattr(module, "qwix_path"):
+            line = linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno).strip()
+            found = (path_string(module.qwix_path), line)
+        tb = tb.tb_next
+    return found
 
 
 def _check_every_target_adapted(
@@ -334,9 +579,10 @@ def _check_every_target_adapted(
                 f"LoraConfig.target pattern {pattern!r} matches modules {selected}, but none "
                 "of them got an adapter: during the sample call of __call__ none of them ran a "
                 "matmul (dot_general, two-operand einsum or convolution) on an nnx.Param it "
-                "owns directly. Embedding lookups, norms and container modules get no "
-                f"adapter. Modules that did get one: {sorted(adapted_paths)}. Target the "
-                "modules that own the projection weights, e.g. r'.*(q_proj|v_proj)'."
+                "owns directly, nor looked up rows of one (an embedding). Norms and container "
+                "modules get no adapter. Modules that did get one: "
+                f"{sorted(adapted_paths)}. Target the modules that own the projection weights, "
+                "e.g. r'.*(q_proj|v_proj)'."
             )
 
 
@@ -356,9 +602,22 @@ def unused_value_patterns(config: LoraConfig, adapted_paths: set[str]) -> list[t
     return unused
 
 
-def _check_patterns_used(config: LoraConfig, adapted_paths: set[str]) -> None:
-    """Raises :class:`TargetNotFoundError` for a rank or alpha pattern no adapter uses."""
+def _check_patterns_used(
+    config: LoraConfig, adapted_paths: set[str], stacks: dict[str, int]
+) -> None:
+    """Raises for a rank or alpha pattern no adapter uses.
+
+    Args:
+        config: The config.
+        adapted_paths: The adapted modules' paths.
+        stacks: Of those, the stacked ones, with their number of layers.
+
+    Raises:
+        StackedPatternError: The pattern names a layer of a stacked module.
+        TargetNotFoundError: Otherwise.
+    """
     for field, pattern in unused_value_patterns(config, adapted_paths):
+        _stacks.check_pattern_names_no_layer(field, pattern, stacks)
         raise TargetNotFoundError(
             f"LoraConfig.{field} key {pattern!r} applies to no adapted module: it matches "
             "none of them in full, or only ones an earlier key already took (the first match "

@@ -37,6 +37,19 @@ class LoraLayout:
         update: How the update enters the output (``_variants.LORA`` or ``DORA``).
         subscripts: The weight and its factors as einsum subscripts, for the
             variants' maths (``_factors``).
+        layer_axis: For a weight of a scanned layer stack, the axis along which
+            its layers are stacked; the adapter's arrays are stacked along the
+            same axis, and every other field describes one layer. ``None`` for
+            a weight that is not stacked.
+        lookup: Whether the weight is an embedding table whose rows are looked
+            up by integer ids (``jnp.take(weight, ids, axis=0)``), which is the
+            ``dot_general`` of the ids' one-hot vectors with the weight
+            (``contracting=(0,)``): the update is ``scale * A[ids] @ B``.
+        tied: For a ``lookup``, whether the module also multiplies by the table
+            itself (a tied output head: ``Embed.attend``, ``x @ table.T``).
+            That product gets no update, as in HF PEFT, so folding the delta
+            into the shared table would change it: such an adapter is not
+            mergeable.
     """
 
     kind: str
@@ -50,6 +63,9 @@ class LoraLayout:
     operand_is_weight: bool = True
     update: Update = LORA
     subscripts: Subscripts | None = None
+    layer_axis: int | None = None
+    lookup: bool = False
+    tied: bool = False
 
 
 @dataclasses.dataclass
@@ -61,7 +77,9 @@ class CallRecord:
             the module path, the name of its weight operand (``None`` when the
             operand is not one of the module's weights) and the result's size.
         output_sizes: The sizes of the arrays the model returned.
+        reached: The paths of the modules the call ran (a method of theirs).
     """
 
     ops: list[tuple[str, str | None, int]] = dataclasses.field(default_factory=list)
     output_sizes: list[int] = dataclasses.field(default_factory=list)
+    reached: set[str] = dataclasses.field(default_factory=set)

@@ -33,7 +33,12 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from nnx_peft import _saved_modules
-from nnx_peft._adapter_state import AdapterState, adapter_state, set_adapter_state
+from nnx_peft._adapter_state import (
+    UNMERGED_SUFFIX,
+    AdapterState,
+    adapter_state,
+    set_adapter_state,
+)
 from nnx_peft._errors import AdapterStateError, DtypeError, UnmergeableAdapterError
 from nnx_peft._injection import iter_adapters, module_paths
 from nnx_peft._qwix_bridge import (
@@ -47,9 +52,6 @@ from nnx_peft._qwix_bridge import (
     weight_values,
     weight_variables,
 )
-
-#: Attribute next to a merged weight holding its values from before the merge.
-UNMERGED_SUFFIX = "_lora_unmerged"
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -166,8 +168,9 @@ def check_mergeable(path: str, weight: str, layout: LoraLayout) -> None:
 
     Raises:
         UnmergeableAdapterError: The convolution is grouped (its update mixes
-            groups, which a grouped kernel cannot), or the module transformed
-            the weight before its matmul (the update applies to the transform).
+            groups, which a grouped kernel cannot), the module transformed
+            the weight before its matmul (the update applies to the transform),
+            or the weight is an embedding table tied to an output head.
     """
     where = f"The adapter of {weight!r} in module {path!r}"
     if layout.feature_group_count != 1 or layout.batch_group_count != 1:
@@ -178,6 +181,14 @@ def check_mergeable(path: str, weight: str, layout: LoraLayout) -> None:
             "Qwix's update convolves with A in groups and then mixes all groups through B, "
             "which a grouped kernel cannot express. Keep this model unmerged, or exclude the "
             "module with LoraConfig.exclude before training."
+        )
+    if layout.tied:
+        raise UnmergeableAdapterError(
+            f"{where} updates the lookups of an embedding table that the module also "
+            "multiplies by (a tied output head, such as nnx.Embed.attend). The head gets no "
+            "update (as in HF PEFT), so folding the delta into the shared table would change "
+            f"the head's outputs too; an untied {weight!r} was expected. Keep this model "
+            "unmerged, or untie the head (a separate output weight) before training."
         )
     if not layout.operand_is_weight:
         raise UnmergeableAdapterError(
@@ -203,6 +214,14 @@ def is_merged(model: nnx.Module) -> bool:
     """Whether ``model`` has adapters and all of them are merged into the base weights."""
     states = {adapter_state(module, weight) for _, module, weight in adapted_weights(model)}
     return states == {AdapterState.MERGED}
+
+
+def is_disabled(model: nnx.Module) -> bool:
+    """Whether ``model`` is inside a ``disable_adapter()`` block (some adapter is disabled)."""
+    return any(
+        adapter_state(module, weight) is AdapterState.DISABLED
+        for _, module, weight in adapted_weights(model)
+    )
 
 
 def _require(
@@ -253,11 +272,18 @@ def _fold(module: nnx.Module, weight: str, base: jax.Array, dtype: Any) -> jax.A
     def value(suffix: str) -> jax.Array:
         return getattr(module, weight + suffix).get_value().astype(compute)
 
-    delta = weight_delta(layout, value(LORA_A_SUFFIX), value(LORA_B_SUFFIX), tuple(base.shape))
+    sub = layout.subscripts
+    assert sub is not None
+
+    def fold(base: jax.Array, a: jax.Array, b: jax.Array, extras: dict[str, jax.Array]) -> Any:
+        delta = weight_delta(layout, a, b, tuple(base.shape))
+        return layout.update.fold(sub, base, delta, layout.scale, extras)
+
+    if layout.layer_axis is not None:  # a scanned stack: the layout describes one layer
+        fold = jax.vmap(fold, in_axes=layout.layer_axis, out_axes=layout.layer_axis)
     extras = {suffix: value(suffix) for suffix in layout.update.extra_suffixes}
-    assert layout.subscripts is not None
-    base = base.astype(compute)
-    return layout.update.fold(layout.subscripts, base, delta, layout.scale, extras).astype(dtype)
+    merged = fold(base.astype(compute), value(LORA_A_SUFFIX), value(LORA_B_SUFFIX), extras)
+    return merged.astype(dtype)
 
 
 def _check_all_mergeable(adapted: Sequence[tuple[str, nnx.Module, str]]) -> None:

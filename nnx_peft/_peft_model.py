@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from nnx_peft import _checkpoint, _merging, _safetensors, _sharding
+from nnx_peft import (
+    _base_weights,
+    _checkpoint,
+    _hf_peft,
+    _merging,
+    _resharding,
+    _safetensors,
+    _sharding,
+)
 from nnx_peft._config import LoraConfig
 from nnx_peft._errors import (
     AlreadyWrappedError,
@@ -20,7 +30,7 @@ from nnx_peft._errors import (
     RngsError,
     SampleInputsError,
 )
-from nnx_peft._injection import AdapterInfo, inject, iter_adapters
+from nnx_peft._injection import AdapterInfo, inject, iter_adapters, sample_keywords
 from nnx_peft._qwix_bridge import is_qwix_wrapped
 from nnx_peft._summary import ParameterSummary, summarize
 from nnx_peft._variables import AdapterParam
@@ -40,24 +50,33 @@ class PeftModel(nnx.Module):
     function (``donate_argnums``) invalidates them in ``base_model`` too, so
     donate only the trainable state and the optimizer state.
 
-    Qwix intercepts ``__call__`` of the clone. Calling any other method of
-    ``self.model`` runs without adapters.
+    Every public method of the clone's class (``__call__``, ``encode``,
+    ``generate``, ...) runs with the active adapters, and the wrapper forwards
+    attributes it does not have itself to the clone, so ``model.encode(x)``
+    works as ``model.model.encode(x)`` does. A method of a *submodule* called
+    directly (``model.model.encoder(x)``) is not intercepted and runs without
+    adapters: call it through a method of the model.
 
     Args:
         base_model: The model to adapt, any ``nnx.Module``.
         config: What to adapt and how.
         *sample_args: Positional inputs for one sample call of
             ``base_model(*sample_args, **sample_kwargs)``; adapters are created
-            during that call. Only shapes and dtypes matter; a batch of one is enough.
+            during that call, for the modules it reaches (a batch of one is
+            enough, unless routing depends on the values).
         rngs: Random state for the adapter initialisation (and dropout). Required:
             nnx_peft never falls back to a fixed seed.
-        **sample_kwargs: Keyword inputs for the sample call.
+        sample_kwargs: Keyword inputs for the sample call by name, including
+            names the wrapper takes itself: a model whose ``__call__`` takes
+            its own ``rngs=`` gets them as ``sample_kwargs={'rngs': ...}``.
+        **keywords: More keyword inputs for the sample call.
 
     Raises:
         NotAModuleError: ``base_model`` is not an ``nnx.Module``.
         AlreadyWrappedError: ``base_model`` already has adapters.
         RngsError: ``rngs`` is not an ``nnx.Rngs``.
-        SampleInputsError: No sample inputs were given.
+        SampleInputsError: No sample inputs were given, or ``sample_kwargs``
+            is no dict of names or repeats a keyword argument.
         TargetNotFoundError: A target pattern matches no module.
         NoAdapterCreatedError: A target pattern matched modules that got no adapter.
         QuantizationError: QLoRA settings do not fit a targeted weight.
@@ -89,8 +108,10 @@ class PeftModel(nnx.Module):
         config: LoraConfig,
         *sample_args: Any,
         rngs: nnx.Rngs,
-        **sample_kwargs: Any,
+        sample_kwargs: Mapping[str, Any] | None = None,
+        **keywords: Any,
     ) -> None:
+        sample_kwargs = sample_keywords(sample_kwargs, keywords, "PeftModel")
         if not isinstance(base_model, nnx.Module):
             raise NotAModuleError(
                 f"PeftModel wraps Flax NNX modules; got {type(base_model).__module__}."
@@ -117,6 +138,7 @@ class PeftModel(nnx.Module):
                 f"rngs must be an nnx.Rngs; got {type(rngs).__qualname__}. Pass "
                 "rngs=nnx.Rngs(seed) to initialise the adapters (there is no default seed)."
             )
+        _check_streams(rngs, config)
         if not sample_args and not sample_kwargs:
             raise SampleInputsError(
                 "PeftModel needs sample inputs for one call of the base model, during "
@@ -131,6 +153,17 @@ class PeftModel(nnx.Module):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Runs the adapted model."""
         return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        """Attributes the wrapper lacks come from the adapted model, as in HF PEFT.
+
+        So ``model.encode(x)`` or ``model.generate(...)`` run the adapted model's
+        method, with the active adapters.
+        """
+        # Private names (NNX's and pickle's probes) and a wrapper still being built: no model.
+        if name.startswith("_") or "model" not in vars(self):
+            raise AttributeError(f"{type(self).__qualname__!r} object has no attribute {name!r}")
+        return getattr(self.model, name)
 
     @property
     def trainable_filter(self) -> nnx.filterlib.Filter:
@@ -206,6 +239,11 @@ class PeftModel(nnx.Module):
                 entries (``None``, a mesh axis name, or a list of names), at most
                 one per axis; missing trailing entries are ``None``. The first
                 matching rule wins; adapters no rule selects keep their sharding.
+                A DoRA magnitude follows B's spec without the rank axis, where B
+                holds its axes unflattened; otherwise (or to choose) give a triple
+                ``(A spec, B spec, magnitude spec)``. A rule selecting a
+                ``modules_to_save`` module maps its parameter paths to specs instead,
+                e.g. ``{'head': {'kernel': P(None, 'tp'), 'bias': P('tp')}}``.
 
         Raises:
             ShardingError: A rule is malformed or selects no adapted module, an
@@ -232,7 +270,7 @@ class PeftModel(nnx.Module):
             >>> model.model.kernel_lora_a.get_value().sharding.spec
             P('tp', None)
         """
-        _sharding.shard_adapters(self.model, rules)
+        _resharding.shard_adapters(self.model, rules)
 
     def split_trainable(self) -> tuple[nnx.GraphDef[PeftModel], nnx.State, nnx.State]:
         """Splits the model into graph definition, trainable state and the rest.
@@ -302,7 +340,8 @@ class PeftModel(nnx.Module):
         """Folds the adapters into the base weights in place; :meth:`unmerge_adapter` undoes it.
 
         While merged, the forward pass costs what the base model's does, the
-        original weights are kept for an exact unmerge, and taking gradients
+        original weights are kept for an exact unmerge (one more copy of every
+        adapted weight in memory while merged), and taking gradients
         with respect to the adapters raises ``AdapterStateError``: unmerge
         before training. A QLoRA weight is dequantized, updated and quantized
         again, so its merged outputs differ from the unmerged ones by up to
@@ -435,6 +474,92 @@ class PeftModel(nnx.Module):
         self._set_trainable(trainable)
 
     @classmethod
+    def from_base_weights(
+        cls,
+        make_base: Callable[[], nnx.Module],
+        path: str | os.PathLike[str],
+        config: LoraConfig,
+        *sample_args: Any,
+        rngs: nnx.Rngs,
+        sample_kwargs: Mapping[str, Any] | None = None,
+        **keywords: Any,
+    ) -> PeftModel:
+        """Wraps a base model that is never built in float, reading its weights from ``path``.
+
+        The QLoRA path for models larger than memory: equal, bitwise, to
+        ``PeftModel(make_base() with the weights at path, config, *sample_args, rngs=rngs)``,
+        but ``make_base`` is only traced (its float weights are never computed),
+        and the base weights are read one at a time, each placed straight into
+        its sharded layout and, where ``config.weight_qtype`` quantizes it,
+        quantized before the next is read. Peak memory is the quantized model
+        plus the adapters plus about one float weight. Without ``weight_qtype``
+        the same path loads a plain LoRA wrapper straight onto the mesh. Call
+        it under ``jax.set_mesh(mesh)`` for a model annotated with sharding
+        metadata. See ``docs/qlora.md``.
+
+        Args:
+            make_base: A function building the base model, e.g.
+                ``lambda: Model(cfg, rngs=nnx.Rngs(0))``; its initialisation is traced
+                only. Its RNG state (``nnx.Rngs`` kept by dropout layers) is its own.
+            path: The base weights: an Orbax checkpoint directory of
+                ``nnx.state(base)`` (``ocp.StandardCheckpointer().save(path, state)``),
+                a ``.safetensors`` file or a directory of them, keyed by the
+                ``/``-joined variable paths (``layers/0/attn/q_proj/kernel``). It
+                holds every variable of the base but its RNG state, with the
+                base's shapes and dtypes.
+            config: As for :class:`PeftModel`.
+            *sample_args: As for :class:`PeftModel`; ``jax.ShapeDtypeStruct`` is best.
+            rngs: As for :class:`PeftModel`.
+            sample_kwargs: As for :class:`PeftModel`.
+            **keywords: As for :class:`PeftModel`.
+
+        Returns:
+            A new :class:`PeftModel`.
+
+        Raises:
+            NeedsBaseWeightsError: ``config`` starts trained arrays from the base
+                weights (DoRA, PiSSA, OLoRA, ``modules_to_save``).
+            NotACheckpointError: ``path`` holds no Orbax checkpoint or safetensors file.
+            BaseWeightsMismatchError: A variable of the base is missing from
+                ``path``, or has another shape or dtype there, or ``path`` holds
+                one the base lacks; raised before any weight is read.
+            TileSizeError: ``config.tile_size`` does not divide a weight; raised
+                before any weight is read.
+            Any error :class:`PeftModel` raises for ``config`` and the sample inputs.
+
+        Example:
+            >>> import tempfile
+            >>> import jax
+            >>> import jax.numpy as jnp
+            >>> import orbax.checkpoint as ocp
+            >>> from flax import nnx
+            >>> import nnx_peft
+            >>> from nnx_peft import toy
+            >>> cfg = toy.DecoderConfig(vocab_size=11)
+            >>> tmp = tempfile.TemporaryDirectory()
+            >>> base = toy.TinyDecoder(cfg, rngs=nnx.Rngs(0))
+            >>> with ocp.StandardCheckpointer() as saver:
+            ...     saver.save(f"{tmp.name}/base", nnx.state(base))
+            >>> config = nnx_peft.LoraConfig(
+            ...     rank=2, alpha=4.0, target=r".*proj", weight_qtype="nf4"
+            ... )
+            >>> model = nnx_peft.PeftModel.from_base_weights(
+            ...     lambda: toy.TinyDecoder(cfg, rngs=nnx.Rngs(0)),
+            ...     f"{tmp.name}/base",
+            ...     config,
+            ...     jax.ShapeDtypeStruct((1, 8), jnp.int32),
+            ...     rngs=nnx.Rngs(1),
+            ... )
+            >>> model(jnp.zeros((2, 5), jnp.int32)).shape
+            (2, 5, 11)
+            >>> tmp.cleanup()
+        """
+        sample_kwargs = sample_keywords(sample_kwargs, keywords, "PeftModel.from_base_weights")
+        return _base_weights.from_base_weights(
+            cls, make_base, Path(path).expanduser(), config, sample_args, sample_kwargs, rngs
+        )
+
+    @classmethod
     def from_pretrained(
         cls,
         base_model: nnx.Module,
@@ -443,7 +568,8 @@ class PeftModel(nnx.Module):
         rngs: nnx.Rngs,
         step: int | None = None,
         trainable: bool = False,
-        **sample_kwargs: Any,
+        sample_kwargs: Mapping[str, Any] | None = None,
+        **keywords: Any,
     ) -> PeftModel:
         """Wraps ``base_model`` with the config saved at ``path`` and loads the saved adapters.
 
@@ -461,7 +587,10 @@ class PeftModel(nnx.Module):
             step: The step to load; ``None`` loads the newest.
             trainable: ``False`` loads for inference, ``True`` for further
                 training; see :meth:`load_adapter`.
-            **sample_kwargs: Sample keyword inputs, as for :class:`PeftModel`.
+            sample_kwargs: Sample keyword inputs by name, as for
+                :class:`PeftModel` (``step``, ``trainable`` and ``rngs`` of the
+                model's own call go here).
+            **keywords: More sample keyword inputs.
 
         Returns:
             A new :class:`PeftModel` holding the saved adapters.
@@ -475,6 +604,7 @@ class PeftModel(nnx.Module):
             NotAModuleError: As for :class:`PeftModel` (likewise ``AlreadyWrappedError``,
                 ``RngsError`` and ``SampleInputsError``).
         """
+        sample_kwargs = sample_keywords(sample_kwargs, keywords, "PeftModel.from_pretrained")
         model = _checkpoint.from_pretrained(
             cls, base_model, path, sample_args, sample_kwargs, rngs=rngs, step=step
         )
@@ -575,6 +705,8 @@ class PeftModel(nnx.Module):
         JSON description under ``'nnx_peft'``. Written under a temporary name
         and renamed over ``path`` when complete. Needs the optional
         ``safetensors`` package (``pip install 'nnx_peft[safetensors]'``).
+        In a multi-process job, call it on every process: adapters spread over
+        several processes are gathered, and the first process writes the file.
 
         Args:
             path: The file to write.
@@ -584,9 +716,6 @@ class PeftModel(nnx.Module):
             MissingDependencyError: safetensors is not installed.
             CheckpointExistsError: ``path`` exists and ``overwrite`` is False, or
                 is a directory.
-            ShardingError: Some adapter is sharded over the devices of several
-                hosts, so this process cannot read all of it; use
-                :meth:`save_adapter` there.
 
         Example:
             >>> import tempfile
@@ -628,6 +757,125 @@ class PeftModel(nnx.Module):
         _safetensors.load_safetensors(self, path)
         self._set_trainable(trainable)
 
+    # --- Hugging Face PEFT folders: nnx_peft/_hf_peft.py ---
+
+    @classmethod
+    def from_hf_peft(
+        cls,
+        base_model: nnx.Module,
+        path: str | os.PathLike[str],
+        *sample_args: Any,
+        rngs: nnx.Rngs,
+        module_map: _hf_peft.ModuleMap,
+        trainable: bool = False,
+        **sample_kwargs: Any,
+    ) -> PeftModel:
+        """Wraps ``base_model`` with a Hugging Face PEFT LoRA adapter folder.
+
+        The folder is what ``peft_model.save_pretrained(path)`` writes:
+        ``adapter_config.json`` and ``adapter_model.safetensors``. Exactly the
+        modules with tensors in the file are adapted; rank, alpha, rsLoRA,
+        DoRA, ``rank_pattern`` / ``alpha_pattern`` (with PEFT's key semantics)
+        and dropout come from the config. Each tensor is laid out like its NNX
+        weight: PEFT's ``lora_A`` ``(r, in)`` and ``lora_B`` ``(out, r)`` are
+        reshaped onto the weight's contracted and kept axes, heads flattened
+        head-major as PyTorch does. No torch is needed; ``base_model`` is not
+        modified, and a failed load returns nothing. See ``docs/hf-peft.md``.
+
+        Args:
+            base_model: The NNX model, with the base weights the adapter was
+                trained on.
+            path: The PEFT adapter folder.
+            *sample_args: Sample positional inputs, as for :class:`PeftModel`.
+            rngs: Random state, as for :class:`PeftModel`.
+            module_map: NNX module path to PEFT module name: a sequence of
+                ``(nnx_path_regex, hf_name_template)`` pairs (the first full
+                match wins; the template is expanded with the match's groups,
+                as ``re.Match.expand`` does) or a function ``str -> str | None``.
+            trainable: ``False`` loads for inference, ``True`` for further
+                training; see :meth:`load_adapter`.
+            **sample_kwargs: Sample keyword inputs, as for :class:`PeftModel`.
+
+        Returns:
+            A new :class:`PeftModel` holding the adapter.
+
+        Raises:
+            HfConfigError: ``adapter_config.json`` is missing or invalid.
+            UnsupportedPeftFieldError: The config or the tensors use a feature
+                nnx_peft cannot reproduce (``fan_in_fan_out``, ``bias``,
+                ``layers_to_transform``, another ``peft_type``, LoRA on
+                embeddings, ``modules_to_save`` ...).
+            HfTensorPlacementError: ``module_map`` places tensors on no module of
+                the model, or one name on several modules.
+            HfShapeError: A tensor's shape does not fit its NNX weight.
+            FusedWeightError: A mapped weight is no single PyTorch ``Linear``
+                (e.g. a fused ``(2, K, D, H)`` ``kv_einsum``).
+            NotACheckpointError: There is no ``adapter_model.safetensors``.
+            CorruptCheckpointError: The tensors cannot be read, or disagree with
+                the config.
+
+        Example:
+            >>> import tempfile
+            >>> import jax.numpy as jnp
+            >>> from flax import nnx
+            >>> import nnx_peft
+            >>> from nnx_peft import toy
+            >>> base = toy.TinyDecoder(toy.DecoderConfig(vocab_size=11), rngs=nnx.Rngs(0))
+            >>> config = nnx_peft.LoraConfig(rank=2, alpha=4.0, target=r".*mlp/up_proj")
+            >>> ids = jnp.zeros((1, 4), jnp.int32)
+            >>> model = nnx_peft.PeftModel(base, config, ids, rngs=nnx.Rngs(1))
+            >>> module_map = [(r"layers/(\\d+)/mlp/up_proj", r"model.layers.\\1.mlp.up_proj")]
+            >>> tmp = tempfile.TemporaryDirectory()
+            >>> model.save_hf_peft(f"{tmp.name}/adapter", module_map=module_map)
+            >>> loaded = nnx_peft.PeftModel.from_hf_peft(
+            ...     base, f"{tmp.name}/adapter", ids, rngs=nnx.Rngs(2), module_map=module_map
+            ... )
+            >>> [info.module_path for info in loaded.adapters()]
+            ['layers/0/mlp/up_proj', 'layers/1/mlp/up_proj']
+            >>> tmp.cleanup()
+        """
+        model = _hf_peft.from_hf_peft(
+            cls, base_model, path, sample_args, sample_kwargs, rngs=rngs, module_map=module_map
+        )
+        model._set_trainable(trainable)
+        return model
+
+    def save_hf_peft(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        module_map: _hf_peft.ModuleMap,
+        overwrite: bool = False,
+    ) -> None:
+        """Exports the adapters as a Hugging Face PEFT folder, atomically.
+
+        Writes ``adapter_config.json`` and ``adapter_model.safetensors`` with
+        PEFT's key names (``base_model.model.<name>.lora_A.weight``, ...) and
+        layouts, which ``peft.PeftModel.from_pretrained(hf_model, path)`` loads
+        onto the PyTorch model with the same base weights. ``target_modules``,
+        ``rank_pattern`` and ``alpha_pattern`` select exactly the adapted
+        modules. The folder is written under a temporary name and renamed
+        into place; an existing one is replaced only once the new one is complete.
+
+        Args:
+            path: The folder to write.
+            module_map: NNX module path to PEFT module name; see :meth:`from_hf_peft`.
+            overwrite: Replace a PEFT adapter folder already at ``path``.
+
+        Raises:
+            HfTensorPlacementError: ``module_map`` names no PEFT module for an
+                adapted module, or one name for several.
+            FusedWeightError: An adapted weight is no single PyTorch ``Linear``.
+            UnsupportedPeftFieldError: The config uses ``modules_to_save`` or a
+                PiSSA / OLoRA initialisation, which PEFT's format cannot hold.
+            CheckpointExistsError: ``path`` holds an adapter and ``overwrite`` is
+                False, or is a file or a folder with other content.
+            AdapterStateError: The adapters are merged.
+            MissingDependencyError: safetensors is not installed.
+            ShardingError: Some adapter is spread over several hosts' devices.
+        """
+        _hf_peft.save_hf_peft(self, path, module_map=module_map, overwrite=overwrite)
+
     def _set_trainable(self, trainable: bool) -> None:
         """Unfreezes the adapters and sets training mode, or freezes them and sets eval mode."""
         self._trainable = trainable
@@ -635,6 +883,25 @@ class PeftModel(nnx.Module):
             self.train()
         else:
             self.eval()
+
+
+def _check_streams(rngs: nnx.Rngs, config: LoraConfig) -> None:
+    """Raises :class:`RngsError` if ``rngs`` lacks a stream the adapters draw from.
+
+    The factors are initialised from the ``params`` stream and adapter dropout
+    draws from ``dropout`` (each falls back to ``default``, which ``nnx.Rngs(seed)`` makes).
+    """
+    needed = ["params"] + (["dropout"] if config.dropout > 0 else [])
+    missing = [name for name in needed if name not in rngs and "default" not in rngs]
+    if missing:
+        raise RngsError(
+            f"rngs has no {' or '.join(repr(n) for n in missing)} stream (it has "
+            f"{sorted(rngs)}), and no 'default' stream to fall back on: the adapters are "
+            "initialised from 'params'"
+            + (" and dropout draws from 'dropout'" if config.dropout > 0 else "")
+            + ". Pass rngs=nnx.Rngs(seed), or name every stream: "
+            "nnx.Rngs(params=0, dropout=1)."
+        )
 
 
 def merge(graphdef: nnx.GraphDef[PeftModel], trainable: nnx.State, rest: nnx.State) -> PeftModel:

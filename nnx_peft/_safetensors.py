@@ -16,20 +16,25 @@ import os
 import uuid
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import numpy as np
 
+from nnx_peft._adapted import Adapted
 from nnx_peft._checkpoint_format import (
     ADAPTER,
     ArraySpec,
+    adapter_items,
     adapter_variables,
     assign,
+    check_adapters,
     check_config,
     check_fit,
+    check_layers,
     describe,
     parse_description,
+    require_enabled,
     require_unmerged,
     values,
     verify,
@@ -40,10 +45,6 @@ from nnx_peft._errors import (
     MissingDependencyError,
     NotACheckpointError,
 )
-from nnx_peft._sharding import require_addressable
-
-if TYPE_CHECKING:
-    from nnx_peft._peft_model import PeftModel
 
 #: Key of the description in the file's (string-valued) metadata.
 METADATA_KEY = "nnx_peft"
@@ -63,43 +64,84 @@ def _safetensors() -> ModuleType:
     return safetensors
 
 
-def save_safetensors(model: PeftModel, path: str | os.PathLike[str], *, overwrite: bool) -> None:
+def _target_problem(target: Path, overwrite: bool) -> str | None:
+    """Why ``target`` cannot be written (a message), or ``None``."""
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return (
+                    f"{parent} is a file, so {target} cannot be written inside it; nnx_peft "
+                    "does not replace it. Choose another path."
+                )
+            break
+    if target.is_dir():
+        return (
+            f"{target} is a directory; a safetensors export is one file. Choose a file path "
+            "such as 'adapter.safetensors'."
+        )
+    if target.exists() and not overwrite:
+        return (
+            f"{target} already exists. Pass overwrite=True to replace it (it is replaced only "
+            "once the new file is complete), or choose another path."
+        )
+    return None
+
+
+def _on_host(x: jax.Array) -> np.ndarray:
+    """``x`` in this process's memory; gathered from every process if it spans several."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def save_safetensors(model: Adapted, path: str | os.PathLike[str], *, overwrite: bool) -> None:
     """Writes ``model``'s adapters to one safetensors file, atomically.
 
     The file is written under a temporary name in the same directory and
     renamed over ``path`` once complete (``os.replace`` is atomic), so an
-    interrupted save leaves any previous file intact.
+    interrupted save leaves any previous file intact. In a multi-process job
+    every process calls it: arrays spread over several processes are gathered
+    (``multihost_utils.process_allgather``), the first process checks the path
+    and writes the file, and every process returns once it is written.
 
     Raises:
         MissingDependencyError: safetensors is not installed.
         CheckpointExistsError: ``path`` exists and ``overwrite`` is False, or it
             is a directory.
-        ShardingError: Some adapter is sharded over several hosts' devices.
     """
     safetensors = _safetensors()
-    target = Path(path)
-    if target.is_dir():
-        raise CheckpointExistsError(
-            f"{target} is a directory; a safetensors export is one file. Choose a file path "
-            "such as 'adapter.safetensors'."
-        )
-    if target.exists() and not overwrite:
-        raise CheckpointExistsError(
-            f"{target} already exists. Pass overwrite=True to replace it (it is replaced only "
-            "once the new file is complete), or choose another path."
-        )
-    arrays = values(adapter_variables(model))
-    require_addressable(arrays, "save_safetensors")
-    metadata = {METADATA_KEY: json.dumps(describe(model, {ADAPTER: arrays}))}
-    tensors = {name: np.asarray(jax.device_get(x)) for name, x in arrays.items()}
-    partial = target.with_name(f".{target.name}.{uuid.uuid4().hex}.partial")
-    try:
-        safetensors.numpy.save_file(tensors, partial, metadata=metadata)
-        with open(partial, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
+    require_enabled(model, "save_safetensors")
+    target = Path(path).expanduser()
+    primary = jax.process_index() == 0
+    problem = _target_problem(target, overwrite) if primary else None
+    if jax.process_count() > 1:  # every process raises, or none does
+        from jax.experimental import multihost_utils
+
+        if bool(multihost_utils.broadcast_one_to_all(np.int32(problem is not None))):
+            problem = problem or f"The first process of this job cannot write {target}."
+    if problem is not None:
+        raise CheckpointExistsError(problem)
+    items = {item: values(v) for item, v in adapter_items(model).items()}
+    metadata = {METADATA_KEY: json.dumps(describe(model, items))}
+    tensors = {
+        name: _on_host(x) for item_arrays in items.values() for name, x in item_arrays.items()
+    }
+    if primary:
+        target.parent.mkdir(parents=True, exist_ok=True)  # as save_adapter makes its directory
+        partial = target.with_name(f".{target.name}.{uuid.uuid4().hex}.partial")
+        try:
+            safetensors.numpy.save_file(tensors, partial, metadata=metadata)
+            with open(partial, "rb") as written:
+                os.fsync(written.fileno())
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"nnx_peft save_safetensors {target}")
 
 
 def _read(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -138,14 +180,14 @@ def _placed(tensor: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
     return jax.make_array_from_callback(tensor.shape, sharding, lambda index: tensor[index])
 
 
-def load_safetensors(model: PeftModel, path: str | os.PathLike[str]) -> None:
+def load_safetensors(model: Adapted, path: str | os.PathLike[str]) -> None:
     """Loads adapter weights from a safetensors file into ``model`` after checking everything.
 
     Raises:
         MissingDependencyError, NotACheckpointError, CorruptCheckpointError,
         ConfigMismatchError, CheckpointMismatchError: see :meth:`PeftModel.load_safetensors`.
     """
-    source = Path(path)
+    source = Path(path).expanduser()
     require_unmerged(model, "load_safetensors")
     tensors, metadata = _read(source)
     where = str(source)
@@ -160,22 +202,28 @@ def load_safetensors(model: PeftModel, path: str | os.PathLike[str]) -> None:
                 "damaged after saving. Nothing was loaded."
             ) from err
         config, specs = parse_description(data, where)
-        if {k: (s.shape, s.dtype) for k, s in specs[ADAPTER].items()} != {
-            k: (s.shape, s.dtype) for k, s in found.items()
-        }:
+        listed = {k: (s.shape, s.dtype) for item in specs.values() for k, s in item.items()}
+        if listed != {k: (s.shape, s.dtype) for k, s in found.items()}:
             raise CorruptCheckpointError(
                 f"The tensors of {where} differ from the list in its own nnx_peft description; "
                 "the file was changed after saving. Nothing was loaded."
             )
+        check_layers(data, model, where)
         check_config(model.config, config, where)
-    variables = adapter_variables(model)
-    check_fit(ADAPTER, values(variables), found, where)
+        variables = adapter_items(model, specs, data.get("format_version"))
+    else:  # another tool's file: the adapters alone
+        variables = {ADAPTER: adapter_variables(model)}
+    every = {path: v for item in variables.values() for path, v in item.items()}
+    check_fit(ADAPTER, values(every), found, where)
+    if specs is not None:
+        check_adapters(data, model, where)
     arrays = {
-        ADAPTER: {
+        item: {
             name: _placed(tensors[name], variable.get_value().sharding)
-            for name, variable in variables.items()
+            for name, variable in item_variables.items()
         }
+        for item, item_variables in variables.items()
     }
     if specs is not None:
         verify(arrays, specs, where)
-    assign({ADAPTER: variables}, arrays)
+    assign(variables, arrays)

@@ -29,7 +29,7 @@ import jax
 from flax import nnx
 
 from nnx_peft._config import LoraConfig
-from nnx_peft._errors import ConfigError, TargetNotFoundError
+from nnx_peft._errors import AdapterStateError, ConfigError, TargetNotFoundError
 from nnx_peft._paths import is_under, module_paths, path_string
 from nnx_peft._variables import AdapterParam, InitialFactor, SavedParam
 
@@ -96,6 +96,11 @@ def check_disjoint(saved: dict[str, str], adapted: set[str]) -> None:
                 f"adapted modules {clash}: a weight is either trained in full or adapted, not "
                 "both. Leave them out of target (or add them to exclude), or save a smaller module."
             )
+
+
+def roots(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
+    """The saved modules of ``model``, by path."""
+    return _roots(model)
 
 
 def _roots(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
@@ -172,15 +177,50 @@ def sizes(model: nnx.Module) -> dict[str, int]:
 
 @contextlib.contextmanager
 def originals(model: nnx.Module) -> Iterator[None]:
-    """Runs the block with every saved module's values from before training, then restores."""
+    """Runs the block with every saved module's values from before training, then restores.
+
+    Values changed inside the block (an optimizer update, batch statistics of
+    a training forward) would be thrown away by the restore, so the block's
+    exit raises instead of losing them silently.
+
+    Raises:
+        AdapterStateError: On leaving the block, if it changed a saved module's
+            values; the trained values are back in place, the block's changes are not.
+    """
     current = []
-    for _, module in _roots(model):
+    for root, module in _roots(model):
         kept = getattr(module, ORIGINAL_ATTRIBUTE).get_value()
         for path, variable in _variables(module).items():
-            current.append((variable, variable.get_value()))
-            variable.set_value(kept[path_string(path)])
+            original = kept[path_string(path)]
+            name = "/".join(filter(None, (root, path_string(path))))
+            current.append((name, variable, variable.get_value(), original))
+            variable.set_value(original)
+    failed = True
     try:
         yield
+        failed = False
     finally:
-        for variable, value in current:
+        changed = [
+            name
+            for name, variable, _, original in current
+            if not failed and _changed(variable.get_value(), original)
+        ]
+        for _, variable, value, _ in current:
             variable.set_value(value)
+    if changed:
+        raise AdapterStateError(
+            f"The values of modules_to_save variables {changed} were changed inside a "
+            "`with model.disable_adapter():` block (by an optimizer update, or a training "
+            "forward updating batch statistics). The block runs them with their values from "
+            "before training, so the change cannot be kept: the trained values are back in "
+            "place and the block's changes are dropped. Train and update outside the block; "
+            "inside it, run the model in eval mode (model.eval()) for reference outputs only."
+        )
+
+
+def _changed(value: Any, original: Any) -> bool:
+    if value is original:
+        return False
+    if getattr(value, "shape", None) != getattr(original, "shape", None):
+        return True
+    return not bool(jax.numpy.array_equal(value, original, equal_nan=True))

@@ -1,4 +1,4 @@
-"""Adapters on a device mesh: shardings derived from the base weight, and overrides.
+"""Adapters on a device mesh: the shardings an adapter derives from its base weight.
 
 Each axis of an adapter factor stands for some axes of its base weight: A's
 for the weight's batch and contracting (input-side) axes, B's for its batch
@@ -20,14 +20,14 @@ sharded over the mesh axes of the weight axes it stands for, in order:
 The base weight's NNX sharding metadata (``out_sharding``) is rewritten the same
 way for the adapter, so ``nnx.get_partition_spec`` tells where the adapters
 are, and an ``nnx.Optimizer`` places its state there too.
-:func:`shard_adapters` overrides the derived shardings by rules.
+``_resharding.shard_adapters`` overrides the derived shardings by rules; this module is
+the low-level placement the Qwix bridge uses, and imports nothing above it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TypeAlias
 
@@ -42,8 +42,10 @@ from nnx_peft._errors import ShardingError
 Entry: TypeAlias = str | tuple[str, ...] | None
 #: A partition spec for one adapter factor: a ``PartitionSpec`` or a sequence of entries.
 Spec: TypeAlias = PartitionSpec | Sequence[str | Sequence[str] | None]
-#: Adapter sharding rules: module-path regex to the specs of (A, B); the first match wins.
-Rules: TypeAlias = Mapping[str, tuple[Spec, Spec]]
+#: Adapter sharding rules: module-path regex to the specs of (A, B), or of (A, B, DoRA
+#: magnitude), or, for a ``modules_to_save`` module, a mapping of its parameter paths to
+#: their specs; the first match wins.
+Rules: TypeAlias = Mapping[str, tuple[Spec, ...] | Mapping[str, Spec]]
 #: Per adapter axis, the weight axes it stands for: one index, several, or ``None``.
 Groups: TypeAlias = Sequence[int | tuple[int, ...] | None]
 
@@ -54,13 +56,13 @@ def _axes(group: int | tuple[int, ...] | None) -> tuple[int, ...]:
     return (group,) if isinstance(group, int) else tuple(group)
 
 
-def _names(entry: Any) -> tuple[Any, ...]:
+def entry_names(entry: Any) -> tuple[Any, ...]:
     if entry is None:
         return ()
     return tuple(entry) if isinstance(entry, tuple | list) else (entry,)
 
 
-def _joined(names: Sequence[Any]) -> Any:
+def joined_entry(names: Sequence[Any]) -> Any:
     return None if not names else names[0] if len(names) == 1 else tuple(names)
 
 
@@ -79,7 +81,7 @@ def derive_spec(spec: Sequence[Entry], groups: Groups, shape: Sequence[int]) -> 
         ('fsdp', None)
     """
     return tuple(
-        None if size == 1 else _joined([n for i in _axes(g) for n in _names(spec[i])])
+        None if size == 1 else joined_entry([n for i in _axes(g) for n in entry_names(spec[i])])
         for g, size in zip(groups, shape, strict=True)
     )
 
@@ -108,7 +110,7 @@ def _derive_metadata(
         elif len(sharded) <= 1:
             derived.append(names[sharded[0]] if sharded else None)
         else:
-            derived.append(_joined([n for i in sharded for n in _names(resolved[i])]))
+            derived.append(joined_entry([n for i in sharded for n in entry_names(resolved[i])]))
     return tuple(derived)
 
 
@@ -139,7 +141,12 @@ def adapter_value(
     if not isinstance(base, nnx.Variable):
         return value
     metadata = dict(base.get_metadata())
-    names = metadata.get("out_sharding")
+    # Flax treats ``sharding_names`` (and ``sharding``) as aliases of ``out_sharding``
+    # and lets them override it when a Variable is made from this metadata: copied
+    # as they are, the adapter would carry the weight's axis names. They are read
+    # as the weight's names (as Flax would) and replaced by the derived ones.
+    aliases = [metadata.pop(alias) for alias in ("sharding_names", "sharding") if alias in metadata]
+    names = aliases[0] if aliases else metadata.get("out_sharding")
     if isinstance(names, tuple | list | PartitionSpec):
         derived = _derive_metadata(base, tuple(names), groups, value.shape)
         metadata["out_sharding"] = (
@@ -162,17 +169,18 @@ def place_quantized(weight: Any, quantized: Sequence[nnx.Variable[Any]]) -> None
         weight: The float weight the arrays were quantized from.
         quantized: The variables of the quantized weight.
     """
-    sharding = getattr(weight, "sharding", None)
-    if isinstance(weight, jax.core.Tracer) or not isinstance(sharding, NamedSharding):
+    sharding = sharding_of(weight)
+    if not isinstance(sharding, NamedSharding):
         return
     spec = tuple(sharding.spec) + (None,) * (weight.ndim - len(sharding.spec))
     for variable in quantized:
         value = variable.get_value()
         if not isinstance(value, jax.Array) or value.ndim != weight.ndim:
             continue
+        mesh_shape = sharding.mesh.shape
         entries = tuple(
             entry
-            if size > 1 and size % math.prod(sharding.mesh.shape[n] for n in _names(entry)) == 0
+            if size > 1 and size % math.prod(mesh_shape[n] for n in entry_names(entry)) == 0
             else None
             for entry, size in zip(spec, value.shape, strict=True)
         )
@@ -201,161 +209,26 @@ def mesh_of(sharding: Any) -> Iterator[None]:
         yield
 
 
+def sharding_of(value: Any) -> Any:
+    """``value.sharding``, or None where it has none, a tracer included.
+
+    A tracer has no ``sharding``, and asking it costs a walk over everything
+    traced so far (JAX builds the ``AttributeError``'s message from it), so
+    asking once per weight in a traced wrap grows with the model's depth
+    squared. This never asks a tracer.
+    """
+    if isinstance(value, jax.core.Tracer):
+        return None
+    return getattr(value, "sharding", None)
+
+
 def first_named_sharding(arrays: Any) -> NamedSharding | None:
     """The sharding of the first leaf of ``arrays`` that lies on a mesh, if any."""
     for leaf in jax.tree.leaves(arrays):
-        sharding = getattr(leaf, "sharding", None)
+        sharding = sharding_of(leaf)
         if isinstance(sharding, NamedSharding):
             return sharding
     return None
-
-
-# --- Overrides -------------------------------------------------------------------------------
-
-
-def _checked_spec(pattern: str, which: str, spec: Any) -> tuple[Entry, ...]:
-    entries = tuple(spec) if isinstance(spec, PartitionSpec | Sequence) else None
-    if isinstance(spec, str) or entries is None:
-        raise ShardingError(
-            f"shard_adapters rule {pattern!r}: the {which} spec must be a PartitionSpec or a "
-            f"list of entries (None, a mesh axis name, or a list of names); got {spec!r}. "
-            "Example: {r'.*q_proj': (P('fsdp', None), P(None, 'tp', None))}."
-        )
-    checked: list[Entry] = []
-    for entry in entries:
-        if entry is None or isinstance(entry, str):
-            checked.append(entry)
-        elif isinstance(entry, Sequence) and all(isinstance(n, str) for n in entry):
-            checked.append(_joined(list(entry)))
-        else:
-            raise ShardingError(
-                f"shard_adapters rule {pattern!r}: the {which} spec {spec!r} has the entry "
-                f"{entry!r}; each entry is None, a mesh axis name, or a list of names."
-            )
-    return tuple(checked)
-
-
-def checked_rules(rules: Any) -> dict[str, tuple[tuple[Entry, ...], tuple[Entry, ...]]]:
-    """``rules`` with every spec as a tuple of entries, after checking their form.
-
-    Raises:
-        ShardingError: ``rules`` is not a mapping of regexes to (A spec, B spec) pairs.
-    """
-    if not isinstance(rules, Mapping) or not rules:
-        raise ShardingError(
-            f"shard_adapters takes a non-empty mapping of module-path regexes to (A spec, B "
-            f"spec) pairs; got {rules!r}. Example: {{r'.*q_proj': (P('fsdp', None), "
-            "P(None, 'tp', None))}."
-        )
-    checked = {}
-    for pattern, pair in rules.items():
-        if not isinstance(pattern, str) or not pattern:
-            raise ShardingError(
-                f"shard_adapters rule keys are non-empty regex strings; got {pattern!r}."
-            )
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            raise ShardingError(
-                f"shard_adapters rule {pattern!r} is not a valid regex: {err}. It is matched "
-                "in full (re.fullmatch) against module paths such as 'layers/0/attn/q_proj'."
-            ) from None
-        if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2:
-            raise ShardingError(
-                f"shard_adapters rule {pattern!r} maps to {pair!r}; it must map to a pair "
-                "(A spec, B spec), e.g. (P('fsdp', None), P(None, 'tp'))."
-            )
-        checked[pattern] = (
-            _checked_spec(pattern, "A", pair[0]),
-            _checked_spec(pattern, "B", pair[1]),
-        )
-    return checked
-
-
-def _fit(
-    value: jax.Array, entries: tuple[Entry, ...], name: str, pattern: str
-) -> tuple[NamedSharding, tuple[Entry, ...]]:
-    """The sharding ``entries`` give ``value`` on its mesh, checked to fit it."""
-    current = getattr(value, "sharding", None)
-    if not isinstance(current, NamedSharding):
-        raise ShardingError(
-            f"{name} is not on a device mesh (its sharding is {current}), so rule {pattern!r} "
-            "has no mesh to shard it over. Build the base model on a mesh (under "
-            "jax.set_mesh(mesh), with sharding metadata such as nnx.with_partitioning) and wrap "
-            "it there; its adapters then live on that mesh."
-        )
-    mesh = current.mesh
-    if len(entries) > value.ndim:
-        raise ShardingError(
-            f"Rule {pattern!r} gives {name} (shape {tuple(value.shape)}) the spec {entries}, "
-            f"with more entries than its {value.ndim} axes. Give at most one entry per axis."
-        )
-    entries += (None,) * (value.ndim - len(entries))
-    used = [n for entry in entries for n in _names(entry)]
-    unknown = [n for n in used if n not in mesh.axis_names]
-    if unknown:
-        raise ShardingError(
-            f"Rule {pattern!r} shards {name} over {unknown}, which the mesh of its base weights "
-            f"lacks; its axes are {list(mesh.axis_names)}."
-        )
-    if len(set(used)) != len(used):
-        raise ShardingError(
-            f"Rule {pattern!r} gives {name} the spec {entries}, which uses a mesh axis twice; "
-            "each mesh axis can shard one array axis only."
-        )
-    for axis, (entry, size) in enumerate(zip(entries, value.shape, strict=True)):
-        shards = math.prod(mesh.shape[n] for n in _names(entry))
-        if size % shards:
-            raise ShardingError(
-                f"Rule {pattern!r} shards axis {axis} of {name} (size {size}) over {entry!r}, "
-                f"{shards} devices, which do not divide it. Choose mesh axes whose sizes "
-                "divide it, or leave that axis unsharded (None)."
-            )
-    return NamedSharding(mesh, PartitionSpec(*entries)), entries
-
-
-def shard_adapters(model: nnx.Module, rules: Rules) -> None:
-    """Moves the adapters that ``rules`` select to the given shardings, and records them.
-
-    Args:
-        model: The adapted model (``PeftModel.model``).
-        rules: Module-path regex (``re.fullmatch``, as ``LoraConfig.target``) to
-            the partition specs of that module's (A, B); the first match wins.
-            Adapters no rule selects keep their sharding.
-
-    Raises:
-        ShardingError: A rule is malformed, selects no adapter, or does not fit
-            an adapter it selects. Nothing is moved then.
-    """
-    # Imported here: the injection module imports the Qwix bridge, which imports this one.
-    from nnx_peft._injection import iter_adapters, module_paths
-    from nnx_peft._qwix_bridge import LORA_A_SUFFIX, LORA_B_SUFFIX
-
-    checked = checked_rules(rules)
-    modules = module_paths(model)
-    planned: list[tuple[nnx.Variable[Any], NamedSharding, tuple[Entry, ...]]] = []
-    used: set[str] = set()
-    adapted: list[str] = []
-    for info in iter_adapters(model):
-        adapted.append(info.module_path)
-        pattern = next((p for p in checked if re.fullmatch(p, info.module_path)), None)
-        if pattern is None:
-            continue
-        used.add(pattern)
-        module = modules[info.module_path]
-        for suffix, entries in zip((LORA_A_SUFFIX, LORA_B_SUFFIX), checked[pattern], strict=True):
-            variable = getattr(module, info.weight + suffix)
-            name = "/".join(p for p in (info.module_path, info.weight + suffix) if p)
-            planned.append((variable, *_fit(variable.get_value(), entries, name, pattern)))
-    unused = [pattern for pattern in checked if pattern not in used]
-    if unused:
-        raise ShardingError(
-            f"shard_adapters rules {unused} select no adapted module; nothing was moved. The "
-            f"adapted module paths are {sorted(set(adapted))} (matched in full, re.fullmatch)."
-        )
-    for variable, sharding, entries in planned:
-        variable.set_value(jax.device_put(variable.get_value(), sharding))
-        variable.set_metadata(out_sharding=entries)
 
 
 def require_addressable(arrays: Mapping[str, jax.Array], action: str) -> None:

@@ -40,7 +40,9 @@ class ParameterSummary:
 
         ``rank`` and ``scale`` are each adapter's own (``rank_pattern``,
         ``alpha_pattern``, ``use_rslora``); a DoRA adapter's ``params`` include
-        its magnitude, whose shape the ``magnitude`` column shows.
+        its magnitude, whose shape the ``magnitude`` column shows. A weight of
+        a scanned layer stack shows its stacked shapes and its ``params`` as
+        ``<per layer> x <layers> = <total>``.
         """
         dora = any(info.magnitude_shape is not None for info, _ in self.adapters)
         header: tuple[str, ...] = ("module", "weight", "target", "rank", "scale", "A shape")
@@ -55,7 +57,9 @@ class ParameterSummary:
                 str(info.a_shape),
                 str(info.b_shape),
                 *(("-" if info.magnitude_shape is None else str(info.magnitude_shape),) * dora),
-                f"{info.size:,}",
+                f"{info.size:,}"
+                if info.layers is None
+                else f"{info.layer_size:,} x {info.layers} = {info.size:,}",
             )
             for info, pattern in self.adapters
         ]

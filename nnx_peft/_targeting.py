@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from flax import nnx
@@ -17,6 +18,7 @@ from nnx_peft._injection import (
     dry_run,
     is_all_linear,
     module_paths,
+    sample_keywords,
     unused_value_patterns,
 )
 from nnx_peft._paths import is_under
@@ -77,6 +79,7 @@ class TargetReport:
                 f"{i.weight}: A {i.a_shape} B {i.b_shape}"
                 + (f" m {i.magnitude_shape}" if i.magnitude_shape is not None else "")
                 + f", rank {i.rank}, scale {i.scale:.4g}"
+                + (f", {i.layers} layers on axis {i.layer_axis}" if i.layers is not None else "")
                 + (f", {i.variant}" if i.variant != "lora" else "")
                 for i in infos
             )
@@ -112,7 +115,11 @@ class TargetReport:
 
 
 def inspect_targets(
-    base_model: nnx.Module, config: LoraConfig, *sample_args: Any, **sample_kwargs: Any
+    base_model: nnx.Module,
+    config: LoraConfig,
+    *sample_args: Any,
+    sample_kwargs: Mapping[str, Any] | None = None,
+    **keywords: Any,
 ) -> TargetReport:
     """Lists what ``PeftModel(base_model, config, *sample_args)`` would adapt, without wrapping.
 
@@ -127,7 +134,8 @@ def inspect_targets(
         base_model: The model to adapt.
         config: The configuration to check.
         *sample_args: Sample positional inputs, as for ``PeftModel``.
-        **sample_kwargs: Sample keyword inputs, as for ``PeftModel``.
+        sample_kwargs: Sample keyword inputs by name, as for ``PeftModel``.
+        **keywords: More sample keyword inputs.
 
     Returns:
         Every module with its target, the adapters it would get and why it is
@@ -144,6 +152,7 @@ def inspect_targets(
         >>> report.output_head, len(report.adapted)
         ('lm_head', 7)
     """
+    sample_kwargs = sample_keywords(sample_kwargs, keywords, "inspect_targets")
     modules = module_paths(base_model)
     saved_matches = _saved_modules.find(config, base_model)
     saved = {p: pattern for pattern, paths in saved_matches.items() for p in paths}

@@ -20,60 +20,25 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import functools
-import math
 import re
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from nnx_peft import _factors
+from nnx_peft._config import LoraConfig
 from nnx_peft._errors import UnsupportedLayerError
 from nnx_peft._factors import Subscripts
 from nnx_peft._initializers import Initializer, initializer
-
-if TYPE_CHECKING:
-    from nnx_peft._config import LoraConfig
+from nnx_peft._scaling import Scaling, scaling
 
 #: Attribute next to a DoRA-adapted weight holding its trained magnitude (an AdapterParam).
 MAGNITUDE_SUFFIX = "_lora_magnitude"
 
 # One compiled program per layout and shapes (eagerly, each of its einsums would be one).
 _feature_norms = jax.jit(_factors.feature_norms, static_argnums=0)
-
-
-# --- Scaling ------------------------------------------------------------------------------
-
-
-class Scaling(abc.ABC):
-    """Turns an adapter's ``alpha`` and ``rank`` into the factor of its update."""
-
-    @abc.abstractmethod
-    def __call__(self, alpha: float, rank: int) -> float:
-        """The factor of the update."""
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraScaling(Scaling):
-    """``alpha / rank``, as in the LoRA paper."""
-
-    def __call__(self, alpha: float, rank: int) -> float:
-        return alpha / rank
-
-
-@dataclasses.dataclass(frozen=True)
-class RankStabilizedScaling(Scaling):
-    """``alpha / sqrt(rank)``: rsLoRA (Kalajdzievski, 2023), stable across ranks."""
-
-    def __call__(self, alpha: float, rank: int) -> float:
-        return alpha / math.sqrt(rank)
-
-
-def scaling(use_rslora: bool) -> Scaling:
-    """The scaling ``LoraConfig.use_rslora`` asks for."""
-    return RankStabilizedScaling() if use_rslora else LoraScaling()
 
 
 # --- How the update enters the output ------------------------------------------------------
@@ -240,7 +205,7 @@ class AdapterSpec:
         scale: The update's factor, from the config's :class:`Scaling`.
         update: How the update enters the output (LoRA or DoRA).
         init: How ``A`` and ``B`` start.
-        dropout: The dropout rate on the adapter's input.
+        dtype: The adapters' dtype name, ``None`` for the weight's own.
     """
 
     rank: int
@@ -248,7 +213,7 @@ class AdapterSpec:
     scale: float
     update: Update
     init: Initializer
-    dropout: float
+    dtype: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,7 +227,11 @@ class AdapterPlan:
     scaling: Scaling
     update: Update
     init: Initializer
-    dropout: float
+    dtype: str | None = None
+    #: Specs already resolved, by path: the plan's own, so it is freed with the plan.
+    _specs: dict[str, AdapterSpec] = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     @classmethod
     def from_config(cls, config: LoraConfig) -> AdapterPlan:
@@ -275,22 +244,28 @@ class AdapterPlan:
             scaling=scaling(config.use_rslora),
             update=DORA if config.use_dora else LORA,
             init=initializer(config.init),
-            dropout=config.dropout,
+            dtype=config.adapter_dtype,
         )
 
-    @functools.cache  # noqa: B019 (frozen and hashable: the cache cannot go stale)
     def spec(self, path: str) -> AdapterSpec:
-        """The spec of the module at ``path``: the first matching pattern wins."""
+        """The spec of the module at ``path``: the first matching pattern wins.
+
+        Dropout is not part of it: the Qwix rule carries the rate (``LoraConfig.dropout``).
+        """
+        if path in self._specs:
+            return self._specs[path]
         rank = first_match(self.rank_pattern, path, self.rank)
         alpha = first_match(self.alpha_pattern, path, self.alpha)
-        return AdapterSpec(
+        spec = AdapterSpec(
             rank=rank,
             alpha=alpha,
             scale=self.scaling(alpha, rank),
             update=self.update,
             init=self.init,
-            dropout=self.dropout,
+            dtype=self.dtype,
         )
+        self._specs[path] = spec
+        return spec
 
 
 def first_match(pairs: tuple[tuple[str, Any], ...], path: str, default: Any) -> Any:

@@ -12,6 +12,10 @@ Module paths of :class:`TinyDecoder` (for ``LoraConfig.target``)::
     layers/<i>/mlp_norm,  layers/<i>/mlp/{gate_proj,up_proj,down_proj}
     final_norm, lm_head
 
+With ``DecoderConfig(scan_layers=True)`` the blocks are one stack (created with
+``nnx.vmap``, applied with ``nnx.scan``), every weight with a leading layer
+axis, and the paths lose the ``<i>``: ``layers/attn/q_proj`` and so on.
+
 ``DecoderConfig(mesh_axes=("fsdp", "tp"))`` annotates every weight with NNX
 sharding metadata (``nnx.with_partitioning``) for a device mesh; see
 :class:`DecoderConfig`.
@@ -97,6 +101,10 @@ class DecoderConfig:
     under ``jax.set_mesh(mesh)``, where NNX places each weight as annotated.
     The default ``None`` adds no annotation; the initial values do not depend
     on it.
+
+    ``scan_layers=True`` stacks the blocks on a leading layer axis and applies
+    them with ``nnx.scan`` (compile time flat in depth, as large models do);
+    its initial values differ from the unrolled model's.
     """
 
     vocab_size: int
@@ -108,6 +116,7 @@ class DecoderConfig:
     max_len: int = 256
     dtype: jnp.dtype = jnp.float32
     mesh_axes: tuple[str | None, str | None] | None = None
+    scan_layers: bool = False
 
 
 def _partitioned(
@@ -236,7 +245,18 @@ class TinyDecoder(nnx.Module):
             None,
             "fsdp",
         )
-        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        if cfg.scan_layers:
+            # The layer axis gets no mesh axis: each device holds all layers of its shard.
+            metadata = {nnx.PARTITION_NAME: None} if cfg.mesh_axes is not None else {}
+
+            @nnx.split_rngs(splits=cfg.num_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=metadata)
+            def stack(rngs: nnx.Rngs) -> Block:
+                return Block(cfg, rngs=rngs)
+
+            self.layers: Block | nnx.List[Block] = stack(rngs)
+        else:
+            self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.embed_dim, dtype=cfg.dtype, cfg=cfg)
         self.lm_head = nnx.Linear(
             cfg.embed_dim,
@@ -250,8 +270,16 @@ class TinyDecoder(nnx.Module):
 
     def __call__(self, tokens: Int[Array, "b t"]) -> Float[Array, "b t v"]:
         x = self.embed(tokens) + self.pos_embed[: tokens.shape[1]]
-        for layer in self.layers:
-            x = layer(x)
+        if isinstance(self.layers, Block):  # scan_layers=True
+
+            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+            def body(x: jax.Array, layer: Block) -> jax.Array:
+                return layer(x)
+
+            x = body(x, self.layers)
+        else:
+            for layer in self.layers:
+                x = layer(x)
         return self.lm_head(self.final_norm(x))
 
 
