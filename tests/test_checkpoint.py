@@ -477,9 +477,10 @@ BAD_CHECKPOINTS: dict[str, tuple[Callable[[Path], None], type[Exception], str]] 
         r"format 'something\.else', expected 'nnx_peft\.adapter_checkpoint'",
     ),
     "newer format version": (
-        lambda p: edit_description(p, lambda d: d.update(format_version=2)),
+        lambda p: edit_description(p, lambda d: d.update(format_version=3, nnx_peft_version="9.1")),
         nnx_peft.NotACheckpointError,
-        r"format version 2 .* reads version 1",
+        r"format version 3, written by nnx_peft '9\.1'; .* reads versions 1 to 2\. Upgrade "
+        r"nnx_peft to 9\.1 or newer",
     ),
     "description not json": (
         lambda p: description_file(p).write_text('{"format": "nnx_peft.adapter_checkp'),

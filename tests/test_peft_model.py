@@ -77,9 +77,10 @@ def test_fresh_adapters_leave_outputs_bitwise_equal(case: Case) -> None:
 def test_split_merge_round_trip_and_jit(case: Case) -> None:
     _, model = _wrap(case)
     model.eval()
-    # Non-zero adapters, so the adapter path really contributes.
-    for path, var in _flat(nnx.state(model, model.trainable_filter)).items():
-        key = jax.random.key(hash(path) % (2**31))
+    # Non-zero adapters, so the adapter path really contributes. The keys come from the
+    # path's position, not from hash(), which PYTHONHASHSEED changes between processes.
+    for i, var in enumerate(_flat(nnx.state(model, model.trainable_filter)).values()):
+        key = jax.random.key(i)
         var.set_value(jax.random.normal(key, var.get_value().shape, var.get_value().dtype))
     x = case.sample(seed=4)
     eager = model(x)
@@ -92,8 +93,13 @@ def test_split_merge_round_trip_and_jit(case: Case) -> None:
     )
     np.testing.assert_array_equal(np.asarray(same(x)), np.asarray(eager))
 
-    jitted = nnx.jit(lambda m, x: m(x))(model, x)
-    np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=1e-5, atol=1e-5)
+    jitted = np.asarray(nnx.jit(lambda m, x: m(x))(model, x))
+    # XLA may fuse and reorder the float32 sums under jit, so the two agree up to rounding
+    # of the largest terms: an entry that is a small difference of large ones (here, the
+    # outputs of three stacked layers with random adapters reach the hundreds) carries an
+    # absolute error of a few ulps of the output's scale, not of the entry itself.
+    scale = float(np.abs(np.asarray(eager)).max())
+    np.testing.assert_allclose(jitted, np.asarray(eager), rtol=1e-5, atol=1e-5 * max(scale, 1.0))
 
 
 def test_base_model_is_left_untouched() -> None:

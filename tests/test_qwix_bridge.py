@@ -11,6 +11,7 @@ import inspect
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import qwix
@@ -51,6 +52,9 @@ USED_INTERNALS = [
         ["name", "init_fn", "nnx_param_type", "need_rng"],
     ),
     ("qwix._src.utils.flax_util", "unbox", ["maybe_boxed"]),
+    # One adapted class per base class: its methods intercept with the instance's provider.
+    ("qwix._src.model", "_apply_interceptors", ["method", "provider", "output_transform"]),
+    ("qwix._src.model", "_output_transform_nnx", ["provider", "method_name", "output"]),
 ]
 
 
@@ -76,6 +80,31 @@ def test_provider_hooks_still_exist() -> None:
     assert {"rank", "alpha", "dropout", "lora_a_initializer", "lora_b_initializer"} <= {
         f for f in qwix.LoraRule.__dataclass_fields__
     }
+
+
+def test_module_attributes_are_set_before_the_first_call() -> None:
+    """Scanned stacks rely on these: when ``process_model_inputs`` runs for the sample call,
+    Qwix has set ``qwix_path``, ``qwix_rngs`` and ``disable_quant_stats_update`` on every
+    module (the bridge then takes the RNGs off, and finds layer copies by path)."""
+    params = list(inspect.signature(qwix.LoraProvider.process_model_inputs).parameters)
+    assert params == ["self", "model", "model_args", "model_kwargs"], params
+    seen = []
+
+    class Probe(qwix.LoraProvider):
+        def process_model_inputs(self, model, model_args, model_kwargs):  # type: ignore[no-untyped-def]
+            seen.extend(
+                (m.qwix_path, type(m.qwix_rngs), m.disable_quant_stats_update)
+                for _, m in nnx.iter_modules(model)
+            )
+            return super().process_model_inputs(model, model_args, model_kwargs)
+
+    qwix.apply_lora_to_model(
+        _Net(nnx.Rngs(0)),
+        Probe(module_path="lin", rank=2, alpha=1.0),
+        jnp.ones((1, 5, 6)),
+        rngs=nnx.Rngs(1),
+    )
+    assert ((), nnx.Rngs, True) in seen and (("lin",), nnx.Rngs, True) in seen
 
 
 def test_only_the_bridge_imports_qwix_internals() -> None:
@@ -125,3 +154,13 @@ def test_same_adapters_and_outputs_as_qwix_own_provider(qtype: str | None) -> No
             var.set_value(value)
             ours_state[path].set_value(value)
     np.testing.assert_allclose(np.asarray(ours(x)), np.asarray(theirs(x)), rtol=1e-6, atol=1e-6)
+
+
+def test_jax_matmul_operators_still_exist() -> None:
+    """``@`` is intercepted as these two functions (nnx_peft/_qwix_bridge.py)."""
+    from jax._src.numpy import array_methods
+
+    for name in ("_operator_matmul", "_operator_rmatmul"):
+        fn = getattr(array_methods, name, None)
+        assert fn is not None and not fn.__code__.co_freevars, f"jax changed {name}"
+        assert list(inspect.signature(fn).parameters) == ["self", "other"], name

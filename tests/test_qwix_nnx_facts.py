@@ -1,4 +1,8 @@
-"""Facts from shared/QWIX-NNX-FACTS.md that nnx_peft relies on, on the installed versions."""
+"""Facts about Qwix, Flax NNX and optax that nnx_peft relies on, on the installed versions.
+
+Each test states one fact in its name and checks it against the library itself, so a
+failure after an upgrade names the behaviour that changed.
+"""
 
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ def test_optimizer_requires_wrt() -> None:
         nnx.Optimizer(_linear_model(), optax.sgd(0.1))  # type: ignore[call-arg]
 
 
-def test_only_call_is_intercepted() -> None:
+def test_qwix_alone_intercepts_only_call_but_nnx_peft_every_method() -> None:
     class TwoMethods(nnx.Module):
         def __init__(self, rngs: nnx.Rngs) -> None:
             self.proj = nnx.Linear(4, 4, rngs=rngs)
@@ -52,17 +56,28 @@ def test_only_call_is_intercepted() -> None:
         def other(self, x):
             return self.proj(x)
 
+    x = jnp.ones((1, 4))
+    by_qwix = qwix.apply_lora_to_model(
+        TwoMethods(nnx.Rngs(0)),
+        qwix.LoraProvider(module_path="proj", rank=2, alpha=2.0),
+        x,
+        rngs=nnx.Rngs(0),
+    )
+    by_qwix.proj.kernel_lora_b.set_value(jnp.ones((2, 4)))
+    plain = x @ by_qwix.proj.kernel[...] + by_qwix.proj.bias[...]
+    assert not jnp.allclose(by_qwix(x), by_qwix.other(x))  # Qwix: other() runs without adapters
+    assert jnp.allclose(by_qwix.other(x), plain)
+
     model = nnx_peft.PeftModel(
         TwoMethods(nnx.Rngs(0)),
         nnx_peft.LoraConfig(rank=2, alpha=2.0, target="proj"),
-        jnp.ones((1, 4)),
+        x,
         rngs=nnx.Rngs(0),
     )
     model.model.proj.kernel_lora_b.set_value(jnp.ones((2, 4)))
-    x = jnp.ones((1, 4))
-    assert not jnp.allclose(model(x), model.model.other(x))  # other() runs without adapters
-    plain = x @ model.model.proj.kernel[...] + model.model.proj.bias[...]
-    assert jnp.allclose(model.model.other(x), plain)
+    assert jnp.allclose(model(x), model.model.other(x))  # nnx_peft: every method adapted
+    assert jnp.allclose(model.other(x), model(x))  # and forwarded by the wrapper
+    assert not jnp.allclose(model.model.other(x), plain)
 
 
 def test_qwix_alone_applies_dropout_in_eval_mode_but_nnx_peft_does_not() -> None:

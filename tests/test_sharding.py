@@ -279,7 +279,9 @@ def test_shard_adapters_moves_arrays_and_metadata() -> None:
         ({"(": (P(), P())}, "is not a valid regex"),
         ({"": (P(), P())}, "rule keys are non-empty regex strings"),
         ({".*": P()}, "must map to a pair (A spec, B spec)"),
-        ({".*": (P(), P(), P())}, "must map to a pair (A spec, B spec)"),
+        ({".*": (P(), P(), P())}, "gives a magnitude spec, but the adapter of '' is not a DoRA"),
+        ({".*": (P(), P(), P(), P())}, "must map to a pair (A spec, B spec)"),
+        ({".*": {"kernel": P()}}, "which is for modules_to_save modules"),
         ({".*": ("fsdp", P())}, "the A spec must be a PartitionSpec or a list"),
         ({".*": (P(), [None, 3])}, "has the entry 3"),
         ({".*": (P(None, None, None), P())}, "more entries than its 2 axes"),
@@ -537,3 +539,23 @@ def test_checkpoints_restore_across_meshes(report: dict[str, Any], target: str) 
     np.testing.assert_allclose(
         result["training"]["next_loss"], checkpoints["continued_loss"], rtol=1e-5
     )
+
+
+def test_sharding_of_never_asks_a_tracer(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Asking a tracer for `.sharding` raises an AttributeError whose message JAX builds by
+    # walking the trace so far: asked once per weight, a traced wrap grew with depth squared.
+    def asked(self: object) -> None:
+        pytest.fail("sharding_of asked a tracer for its sharding")
+
+    monkeypatch.setattr(jax.core.Tracer, "sharding", property(asked))
+    seen: list[object] = []
+
+    def traced(x: jax.Array) -> jax.Array:
+        seen.append(_sharding.sharding_of(x))
+        return x
+
+    jax.jit(traced)(jnp.ones(3))
+    assert seen == [None]
+    concrete = jnp.ones(3)
+    assert _sharding.sharding_of(concrete) == concrete.sharding
+    assert _sharding.sharding_of(np.ones(3)) is None
