@@ -13,9 +13,22 @@ import pathlib
 import subprocess
 import sys
 
-BENCHMARKS = ("bench_training.py", "bench_merging.py", "bench_memory.py", "bench_checkpoint.py")
+BENCHMARKS = (
+    "bench_training.py",
+    "bench_precision.py",
+    "bench_merging.py",
+    "bench_memory.py",
+    "bench_checkpoint.py",
+    "bench_scanned.py",
+)
 #: The benchmarks that parse ``_common.Sizes`` flags; the others take ``--smoke`` only.
-SIZED = {"bench_training.py", "bench_merging.py", "bench_memory.py"}
+SIZED = {
+    "bench_training.py",
+    "bench_precision.py",
+    "bench_merging.py",
+    "bench_memory.py",
+    "bench_scanned.py",
+}
 
 
 def main() -> int:
