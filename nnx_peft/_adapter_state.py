@@ -2,7 +2,7 @@
 
 The state lives on the adapted module as the static attribute
 ``<weight>_lora_state``, part of the NNX graph definition, so ``nnx.jit``
-retraces when it changes. The Qwix provider (``_qwix_bridge``) reads it on
+retraces when it changes. The Qwix provider (``_adapter_ops.add_update``) reads it on
 every call; merging (``_merging``) sets it.
 """
 
@@ -17,12 +17,7 @@ from flax import nnx
 from jax.custom_derivatives import SymbolicZero
 
 from nnx_peft._errors import AdapterStateError
-
-#: Attribute next to an adapted weight holding its :class:`AdapterState` (when not ACTIVE).
-STATE_SUFFIX = "_lora_state"
-#: Attribute next to a merged weight holding its values from before the merge (a Variable,
-#: so part of ``nnx.state``: see :func:`adapter_state`).
-UNMERGED_SUFFIX = "_lora_unmerged"
+from nnx_peft._parts import STATE_SUFFIX, UNMERGED_SUFFIX
 
 
 class AdapterState(enum.Enum):

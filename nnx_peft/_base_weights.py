@@ -43,7 +43,7 @@ from nnx_peft._errors import (
     NotACheckpointError,
     NotAModuleError,
 )
-from nnx_peft._qwix_bridge import QuantizedWeight, weight_values
+from nnx_peft._quantized import QuantizedWeight, weight_values
 
 Path_ = tuple[Any, ...]
 

@@ -51,7 +51,7 @@ from nnx_peft._errors import (
     ScannedCheckpointError,
 )
 from nnx_peft._injection import path_string
-from nnx_peft._qwix_bridge import unwrapped_type
+from nnx_peft._interception import unwrapped_type
 from nnx_peft._variables import AdapterParam, InitialFactor
 
 #: Value of the description's ``format`` field.

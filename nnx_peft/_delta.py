@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import string
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -190,3 +191,42 @@ def _merged(s: str, runs: dict[str, str]) -> str:
 def _merged_shape(s: str, runs: dict[str, str], sizes: dict[str, int]) -> tuple[int, ...]:
     """The shape of an array lettered ``s`` once each run is one axis."""
     return tuple(math.prod(sizes[d] for d in runs[c]) for c in s if c in runs)
+
+
+#: An adapter's update as the provider adds it: ``(x, A, B) -> scale * x A B``.
+Update = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def dot_general_update(
+    sub: Subscripts,
+    lhs_ndim: int,
+    dimension_numbers: jax.lax.DotDimensionNumbers,
+    weight_shape: tuple[int, ...],
+    scale: float,
+    precision: jax.lax.PrecisionLike = None,
+) -> Update:
+    """The update of ``dot_general(x, weight, dimension_numbers)``, shaped like its output."""
+    update_sub = dot_general_update_subscripts(sub, lhs_ndim, dimension_numbers)
+
+    def update(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array) -> jax.Array:
+        a, b = sub.views(lora_a, lora_b, weight_shape)
+        return low_rank_update(x, a, b, update_sub, scale=scale, precision=precision)
+
+    return update
+
+
+def einsum_update(lora_einsum_str: str, scale: float, **einsum_kwargs: Any) -> Update:
+    """The update ``einsum(lora_einsum_str, x, A, B)`` of a weight's einsum, with its
+    ``precision``, ``preferred_element_type`` and ``out_sharding`` (other keywords unused)."""
+    operands, out = lora_einsum_str.split("->")
+    x_str, a_str, b_str = operands.split(",")
+    update_sub = UpdateSubscripts(x_str, a_str, b_str, out)
+    kwargs = {
+        name: einsum_kwargs.get(name)
+        for name in ("precision", "preferred_element_type", "out_sharding")
+    }
+
+    def update(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array) -> jax.Array:
+        return low_rank_update(x, lora_a, lora_b, update_sub, scale=scale, **kwargs)
+
+    return update

@@ -13,7 +13,7 @@ As in HF PEFT, the lookup takes no dropout (the input is token ids), and a
 tied output head that multiplies by the same table (``nnx.Embed.attend``)
 gets no update: such an adapter is marked ``tied`` and refuses merging.
 
-Qwix intercepts no lookups; ``_qwix_bridge`` intercepts ``jnp.take`` and the
+Qwix intercepts no lookups; ``_lookups`` intercepts ``jnp.take`` and the
 indexing of a module's weight (``self.table[ids]``) and calls this module.
 """
 

@@ -37,10 +37,10 @@ from nnx_peft._errors import (
 )
 from nnx_peft._injection import as_pattern
 from nnx_peft._layout import LoraLayout
+from nnx_peft._parts import LAYOUT_SUFFIX, LORA_A_SUFFIX, LORA_B_SUFFIX, MAGNITUDE_SUFFIX
 from nnx_peft._paths import module_paths
-from nnx_peft._qwix_bridge import LAYOUT_SUFFIX, LORA_A_SUFFIX, LORA_B_SUFFIX
 from nnx_peft._sharding import require_addressable
-from nnx_peft._variants import MAGNITUDE_SUFFIX, AdapterPlan
+from nnx_peft._variants import AdapterPlan
 
 #: ``(nnx_path_regex, hf_name_template)`` pairs (first full match wins), or a function.
 ModuleMap = Sequence[tuple[str, str]] | Callable[[str], str | None]

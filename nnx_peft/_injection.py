@@ -25,20 +25,14 @@ from nnx_peft._errors import (
     UnreachedTargetError,
     UnsupportedLayerError,
 )
+from nnx_peft._interception import LAYERS_WITH_LAYOUTS, apply_lora, unwrapped_type
+from nnx_peft._layout import CallRecord, LoraLayout
+from nnx_peft._parts import LAYOUT_SUFFIX, LORA_A_SUFFIX, LORA_B_SUFFIX, MAGNITUDE_SUFFIX
 from nnx_peft._paths import is_under, module_paths, path_string
-from nnx_peft._qwix_bridge import (
-    LAYERS_WITH_LAYOUTS,
-    LAYOUT_SUFFIX,
-    LORA_A_SUFFIX,
-    LORA_B_SUFFIX,
-    CallRecord,
-    LoraLayout,
-    PeftLoraProvider,
-    apply_lora,
-    unwrapped_type,
-)
+from nnx_peft._qwix_bridge import PeftLoraProvider
+from nnx_peft._qwix_internals import QWIX_PATH
 from nnx_peft._variables import AdapterParam
-from nnx_peft._variants import MAGNITUDE_SUFFIX, AdapterPlan
+from nnx_peft._variants import AdapterPlan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,7 +251,7 @@ def run(
             and (
                 isinstance(module, LAYERS_WITH_LAYOUTS)
                 or (
-                    getattr(module, "qwix_path", None) not in reached
+                    getattr(module, QWIX_PATH, None) not in reached
                     and _owns_weight(module)
                     and not unwrapped_type(module).__module__.startswith("flax.")
                 )
@@ -561,9 +555,9 @@ def _failing_module_line(err: BaseException) -> tuple[str, str] | None:
     tb = err.__traceback__
     while tb is not None:
         module = tb.tb_frame.f_locals.get("self")
-        if isinstance(module, nnx.Module) and hasattr(module, "qwix_path"):
+        if isinstance(module, nnx.Module) and hasattr(module, QWIX_PATH):
             line = linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno).strip()
-            found = (path_string(module.qwix_path), line)
+            found = (path_string(getattr(module, QWIX_PATH)), line)
         tb = tb.tb_next
     return found
 

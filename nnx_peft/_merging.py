@@ -33,25 +33,19 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from nnx_peft import _saved_modules
-from nnx_peft._adapter_state import (
-    UNMERGED_SUFFIX,
-    AdapterState,
-    adapter_state,
-    set_adapter_state,
-)
+from nnx_peft._adapter_state import AdapterState, adapter_state, set_adapter_state
 from nnx_peft._errors import AdapterStateError, DtypeError, UnmergeableAdapterError
 from nnx_peft._injection import iter_adapters, module_paths
-from nnx_peft._qwix_bridge import (
+from nnx_peft._interception import unwrap
+from nnx_peft._layout import LoraLayout
+from nnx_peft._parts import (
     ADAPTER_SUFFIXES,
     LAYOUT_SUFFIX,
     LORA_A_SUFFIX,
     LORA_B_SUFFIX,
-    LoraLayout,
-    unwrap,
-    weight_value,
-    weight_values,
-    weight_variables,
+    UNMERGED_SUFFIX,
 )
+from nnx_peft._quantized import weight_value, weight_values, weight_variables
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -184,7 +178,7 @@ def check_mergeable(path: str, weight: str, layout: LoraLayout) -> None:
         )
     if layout.tied:
         raise UnmergeableAdapterError(
-            f"{where} updates the lookups of an embedding table that the module also "
+            f"{where} updates the lookups of an embedding table that the model also "
             "multiplies by (a tied output head, such as nnx.Embed.attend). The head gets no "
             "update (as in HF PEFT), so folding the delta into the shared table would change "
             f"the head's outputs too; an untied {weight!r} was expected. Keep this model "

@@ -31,7 +31,7 @@ from nnx_peft._errors import (
     SampleInputsError,
 )
 from nnx_peft._injection import AdapterInfo, inject, iter_adapters, sample_keywords
-from nnx_peft._qwix_bridge import is_qwix_wrapped
+from nnx_peft._interception import is_qwix_wrapped
 from nnx_peft._summary import ParameterSummary, summarize
 from nnx_peft._variables import AdapterParam
 

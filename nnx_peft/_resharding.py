@@ -19,9 +19,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from nnx_peft import _saved_modules
 from nnx_peft._errors import ShardingError
 from nnx_peft._injection import iter_adapters, module_paths
-from nnx_peft._qwix_bridge import LAYOUT_SUFFIX, LORA_A_SUFFIX, LORA_B_SUFFIX
+from nnx_peft._parts import LAYOUT_SUFFIX, LORA_A_SUFFIX, LORA_B_SUFFIX, MAGNITUDE_SUFFIX
 from nnx_peft._sharding import Entry, Rules, entry_names, joined_entry
-from nnx_peft._variants import MAGNITUDE_SUFFIX
 
 
 def _checked_spec(pattern: str, which: str, spec: Any) -> tuple[Entry, ...]:

@@ -30,11 +30,10 @@ from flax import nnx
 
 from nnx_peft._config import LoraConfig
 from nnx_peft._errors import AdapterStateError, ConfigError, TargetNotFoundError
+from nnx_peft._parts import ORIGINAL_ATTRIBUTE
 from nnx_peft._paths import is_under, module_paths, path_string
 from nnx_peft._variables import AdapterParam, InitialFactor, SavedParam
 
-#: Attribute of a saved module holding its values from before training.
-ORIGINAL_ATTRIBUTE = "lora_saved_original"
 #: Metadata key of a ``SavedParam`` holding the type of the parameter it replaced.
 SAVED_FROM = "saved_from"
 

@@ -3,7 +3,7 @@
 Each axis of an adapter factor stands for some axes of its base weight: A's
 for the weight's batch and contracting (input-side) axes, B's for its batch
 and remaining (output-side) axes, and the rank axis for none. When Qwix creates
-an adapter (``_qwix_bridge`` calls :func:`adapter_value`), each of its axes is
+an adapter (``_adapter_ops`` calls :func:`adapter_value`), each of its axes is
 sharded over the mesh axes of the weight axes it stands for, in order:
 
 - ``nnx.Linear``, kernel ``(D, F)`` sharded ``('fsdp', 'tp')``: A ``(D, r)`` is

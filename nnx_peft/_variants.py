@@ -32,10 +32,8 @@ from nnx_peft._config import LoraConfig
 from nnx_peft._errors import UnsupportedLayerError
 from nnx_peft._factors import Subscripts
 from nnx_peft._initializers import Initializer, initializer
+from nnx_peft._parts import MAGNITUDE_SUFFIX
 from nnx_peft._scaling import Scaling, scaling
-
-#: Attribute next to a DoRA-adapted weight holding its trained magnitude (an AdapterParam).
-MAGNITUDE_SUFFIX = "_lora_magnitude"
 
 # One compiled program per layout and shapes (eagerly, each of its einsums would be one).
 _feature_norms = jax.jit(_factors.feature_norms, static_argnums=0)

@@ -1,0 +1,411 @@
+"""What an intercepted product does to its module's adapter: create it, read it, add its update.
+
+The provider (``_qwix_bridge``) calls these from inside a targeted module's
+``dot_general``, einsum, convolution or lookup, with the weight operand and the
+factors' shapes (``_products``). They run on the module Qwix reports as current:
+
+- on the wrapper's sample call, the adapter is created: its factors as
+  :class:`~nnx_peft.AdapterParam` in ``LoraConfig.adapter_dtype``, placed and annotated
+  from the base weight's sharding (``_sharding``), its recorded :class:`LoraLayout`,
+  its initializer's start (a PiSSA/OLoRA residual replacing the weight), the
+  variant's extra arrays (DoRA's magnitude), and an ``nnx.Dropout`` submodule for its
+  input, so that dropout follows ``model.train()`` / ``model.eval()``. That call's
+  update is zero, so it is skipped;
+- on every later call, the update is added as the adapter's :class:`AdapterState`
+  and variant ask, in the layer's compute dtype and then cast to the base output's;
+- the weight operand is looked up among the module's base weights only (Qwix's
+  lookup by shape also counts the adapters).
+
+The parts of an adapter, by attribute name, are listed in ``_parts``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import flax.errors
+import jax
+import qwix
+from flax import nnx
+
+from nnx_peft import _embedding, _quantized, _qwix_internals, _sharding
+from nnx_peft._adapter_state import AdapterState, adapter_state, refuse_adapter_gradients
+from nnx_peft._errors import UnreachedTargetError, UnsupportedLayerError
+from nnx_peft._factors import Subscripts
+from nnx_peft._layout import LoraLayout
+from nnx_peft._parts import (
+    DROPOUT_SUFFIX,
+    INITIAL_A_SUFFIX,
+    INITIAL_B_SUFFIX,
+    LAYOUT_SUFFIX,
+    LORA_A_SUFFIX,
+    LORA_B_SUFFIX,
+)
+from nnx_peft._products import FactorShapes
+from nnx_peft._quantized import QuantizedWeight, weight_variables
+from nnx_peft._qwix_internals import QWIX_RNGS
+from nnx_peft._variables import AdapterParam, InitialFactor
+from nnx_peft._variants import AdapterSpec, check_supported
+
+#: The wrapper's sample call, while it runs: ``WRAP_TIME.provider`` is its provider
+#: (adapters are created only then), ``WRAP_TIME.reached`` the Qwix paths of the modules
+#: it ran (see ``_interception``).
+WRAP_TIME = threading.local()
+
+
+def module_path() -> str:
+    return "/".join(map(str, _qwix_internals.get_current_module_path()))
+
+
+def find_weight(operand: Any, as_if_eager: bool) -> str | None:
+    """The name of the current module's base weight that ``operand`` is, or ``None``.
+
+    Qwix's ``find_param`` matches by identity, then (under tracing) through
+    unary operations, and otherwise by shape among all of the module's
+    parameters, adapters included. When an adapter factor has the weight's
+    shape (``rank == out_features`` in a Linear) that last match is ambiguous:
+    Qwix returns ``None``, silently skipping the update (always for QLoRA,
+    whose weight reaches the matmul as a copy; in eager mode for a weight cast
+    to the compute dtype), or raises. An adapter is never the weight, so the
+    shape match is redone among the base weights only. ``as_if_eager`` (a
+    traced dry run) skips the match through unary operations, as eager calls do.
+    """
+    module = _qwix_internals.get_current_module()
+    weights = {
+        name: value
+        for name, value in vars(module).items()
+        if isinstance(value, QuantizedWeight | nnx.Param) and not isinstance(value, AdapterParam)
+    }
+    if as_if_eager:
+        name = next((n for n, v in weights.items() if _qwix_internals.unbox(v) is operand), None)
+    else:
+        try:
+            name = _qwix_internals.find_param(operand, QuantizedWeight)
+        except ValueError:  # only for an ambiguous shape match (the module is known), redone below
+            name = None
+    if name in weights:
+        return name
+    same_shape = [n for n, v in weights.items() if tuple(v.shape) == tuple(operand.shape)]
+    return same_shape[0] if len(same_shape) == 1 else None
+
+
+def multiplies_lookup_table(weight_name: str | None, operand: Any, traced: bool) -> bool:
+    """Whether a matmul multiplies by a table the current module looks rows up from.
+
+    A tied output head (``nnx.Embed.attend``: ``x @ table.T``) gets no update,
+    as in HF PEFT; the lookup's adapter is marked ``tied`` (see ``_embedding``)
+    during the wrapper's sample call, so that merging refuses it. An eager
+    transposed table is found by value (Qwix does not find it), a traced one
+    by Qwix's match through the transpose.
+    """
+    module = _qwix_internals.get_current_module()
+    for name, layout in list(vars(module).items()):
+        if not (name.endswith(LAYOUT_SUFFIX) and isinstance(layout, LoraLayout) and layout.lookup):
+            continue
+        table_name = name[: -len(LAYOUT_SUFFIX)]
+        if weight_name is not None and weight_name != table_name:
+            continue
+        table = _qwix_internals.unbox(getattr(module, table_name))
+        if weight_name is None and not _embedding.multiplies_table(
+            operand, table, traced or layout.tied
+        ):
+            continue
+        if not layout.tied and getattr(WRAP_TIME, "provider", None) is not None:
+            setattr(module, name, dataclasses.replace(layout, tied=True))
+        return True
+    return False
+
+
+def add_update(
+    res: jax.Array,
+    weight_name: str,
+    rule: qwix.LoraRule,
+    lhs: jax.Array,
+    operand: Any,
+    adapter: tuple[jax.Array, jax.Array] | None,
+    update: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
+    template: str,
+) -> jax.Array:
+    """The adapted output, as the adapter's :class:`AdapterState` and variant ask.
+
+    Args:
+        res: The base matmul's output.
+        weight_name: The adapted weight.
+        rule: The Qwix rule (for the dropout rate).
+        lhs: The matmul's input.
+        operand: The matmul's weight operand.
+        adapter: ``(A, B)``, or ``None`` when this call created them (see ``adapter``).
+        update: ``(x, A, B) -> scale * x A B``, shaped like ``res``.
+        template: The output's axes (``_factors.dot_general_output`` and the like).
+    """
+    module = _qwix_internals.get_current_module()
+    if adapter is None:
+        # Created with the adapter, not inside a later jit; a layer of a stack (whose
+        # RNGs are not lent) gets its slice of the stack's (see ``create_stacked``).
+        if getattr(module, QWIX_RNGS, None) is not None:
+            dropout_layer(weight_name, rule)
+        return res
+    layout: LoraLayout = getattr(module, weight_name + LAYOUT_SUFFIX)
+    extras = {
+        suffix: _qwix_internals.unbox(getattr(module, weight_name + suffix))
+        for suffix in layout.update.extra_suffixes
+    }
+    state = adapter_state(module, weight_name)
+    compute = _compute_dtype(lhs, operand)
+
+    def cast_update(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+        # In the layer's compute dtype, then in the base output's: the adapted
+        # output has exactly the base layer's dtype, whatever the adapters'.
+        out = update(x.astype(compute), a.astype(compute), b.astype(compute))
+        return out.astype(res.dtype)
+
+    if state is AdapterState.ACTIVE:
+        assert layout.subscripts is not None
+        adapted = layout.update.apply(
+            res,
+            cast_update(_dropout(weight_name, rule, lhs), *adapter),
+            sub=layout.subscripts,
+            weight=lambda: _float_operand(module, weight_name, operand),
+            a=adapter[0],
+            b=adapter[1],
+            scale=layout.scale,
+            extras=extras,
+            template=template,
+        )
+        return adapted.astype(res.dtype)
+    if state is AdapterState.MERGED:
+        return refuse_adapter_gradients(module_path(), res, (*adapter, *extras.values()))
+    initial = [getattr(module, weight_name + s, None) for s in (INITIAL_A_SUFFIX, INITIAL_B_SUFFIX)]
+    if initial[0] is None or initial[1] is None:
+        return res
+    # The weight holds the residual W - scale * A0 B0: add the initial adapter back.
+    return res + cast_update(lhs, initial[0].get_value(), initial[1].get_value())
+
+
+def _compute_dtype(lhs: jax.Array, operand: Any) -> Any:
+    """The dtype a matmul of ``lhs`` by ``operand`` computes in (a QLoRA weight: ``lhs``'s)."""
+    if isinstance(operand, QuantizedWeight) or not hasattr(operand, "dtype"):
+        return lhs.dtype
+    return jax.numpy.promote_types(lhs.dtype, operand.dtype)
+
+
+def _float_operand(module: nnx.Module, weight_name: str, operand: Any) -> jax.Array:
+    """The matmul's weight operand as a float array (a QLoRA weight dequantized)."""
+    if isinstance(operand, QuantizedWeight):
+        return qwix.dequantize(operand.array)
+    stored = getattr(module, weight_name)
+    if isinstance(stored, QuantizedWeight):  # the first call quantizes its float operand
+        return qwix.dequantize(stored.array)
+    return jax.numpy.asarray(operand)
+
+
+def dropout_layer(weight_name: str, rule: qwix.LoraRule) -> nnx.Dropout | None:
+    """The adapter's dropout submodule (``None`` at rate 0), created on the first call."""
+    if rule.dropout == 0:
+        return None
+    module = _qwix_internals.get_current_module()
+    name = weight_name + DROPOUT_SUFFIX
+    layer = getattr(module, name, None)
+    if layer is None:
+        layer = nnx.Dropout(rule.dropout, rngs=getattr(module, QWIX_RNGS))
+        setattr(module, name, layer)
+    return layer
+
+
+def _dropout(weight_name: str, rule: qwix.LoraRule, lhs: jax.Array) -> jax.Array:
+    """Applies the adapter's dropout submodule (nothing at rate 0)."""
+    layer = dropout_layer(weight_name, rule)
+    return lhs if layer is None else layer(lhs)
+
+
+def canonical_sharding(boxed: Any) -> jax.sharding.NamedSharding | None:
+    """The base weight's ``NamedSharding`` with its spec padded to full rank, if any."""
+    value = _qwix_internals.unbox(boxed)
+    sharding = _sharding.sharding_of(value)
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return None
+    return sharding.update(spec=sharding.spec + (None,) * (value.ndim - len(sharding.spec)))
+
+
+def adapter(
+    name: str,
+    rule: qwix.LoraRule,
+    spec: AdapterSpec,
+    shapes: FactorShapes,
+    layout: LoraLayout,
+    sub: Subscripts,
+    operand: Any,
+) -> tuple[jax.Array, jax.Array] | None:
+    """``(A, B)`` of the weight ``name`` of the current module, or ``None`` if this call
+    created them, as ``spec`` says (``shapes``: see ``_products``).
+
+    A new adapter's update is zero: ``B`` starts at zero, or the weight becomes
+    the residual ``W - scale * A @ B`` while this call's base output was computed
+    from ``W``. The creating call (the wrapper's sample pass, or a dry run) so
+    adds nothing, and skips compiling the update's operations one by one.
+
+    On creation, the layout records the spec's scale, update variant and
+    ``sub``; the spec's initializer starts ``A`` and ``B`` (one that starts
+    from the weight also replaces the stored weight by its residual, keeping
+    ``A0`` and ``B0`` as :class:`InitialFactor`); and the variant's extra
+    trained arrays (DoRA's magnitude) are made from the weight the matmul
+    will use from then on.
+    """
+    module = _qwix_internals.get_current_module()
+    if getattr(module, name + LORA_A_SUFFIX, None) is not None:
+        return _get_or_create_adapter(name, rule, shapes, layout, operand)
+    if getattr(WRAP_TIME, "provider", None) is None:
+        raise UnreachedTargetError(
+            f"Module {module_path()!r} is targeted and a call after wrapping multiplies by its "
+            f"weight {name!r}, which has no adapter: the sample call never ran this matmul, and "
+            "adapters are created only while wrapping. Wrap with sample inputs that reach it "
+            "(for routed experts, a batch that every expert receives), or exclude the module "
+            "with LoraConfig.exclude."
+        )
+    param = getattr(module, name)
+    layout = dataclasses.replace(layout, scale=spec.scale, update=spec.update, subscripts=sub)
+    where = f"the weight {name!r} of module {module_path()!r}"
+    check_supported(
+        spec,
+        groups=(layout.feature_group_count, layout.batch_group_count),
+        transformed=lambda: not _is_stored_weight(operand, param),
+        where=where,
+    )
+    start = spec.init.start(
+        sub=sub,
+        weight=lambda: _qwix_internals.unbox(param),
+        rank=spec.rank,
+        scale=spec.scale,
+        a_shape=shapes.a,
+        b_shape=shapes.b,
+        where=where,
+    )
+    rule = dataclasses.replace(
+        rule,
+        rank=spec.rank,
+        alpha=spec.alpha,
+        lora_a_initializer=start.a,
+        lora_b_initializer=start.b,
+    )
+    try:
+        lora_a, lora_b = _get_or_create_adapter(name, rule, shapes, layout, operand, spec.dtype)
+    except flax.errors.TraceContextError as error:
+        raise traced_weight_error(name) from error
+    weight = _float_operand(module, name, operand)
+    if start.residual is not None:
+        stored = _qwix_internals.unbox(param)
+        residual = start.residual
+        if not isinstance(stored, jax.core.Tracer):
+            residual = jax.device_put(residual, stored.sharding)
+        param.set_value(residual)  # in the wrapper's clone only
+        setattr(module, name + INITIAL_A_SUFFIX, InitialFactor(lora_a))
+        setattr(module, name + INITIAL_B_SUFFIX, InitialFactor(lora_b))
+        weight = residual.astype(weight.dtype)
+    extras = spec.update.extra_params(sub, weight, lora_a, lora_b, spec.scale)
+    if extras:
+        dtype, boxed = _quantized.dtype_and_boxed(param)
+        dtype = spec.dtype or dtype
+        sharding = canonical_sharding(boxed)
+        with _sharding.mesh_of(sharding):
+            for suffix, (value, axes) in extras.items():
+                # Kept in float32 at least (a DoRA magnitude): rounded to bfloat16, a
+                # fresh adapter would not give the base model's outputs.
+                stored = value.astype(jax.numpy.promote_types(dtype, jax.numpy.float32))
+                placed = _sharding.adapter_value(stored, boxed, sharding, axes)
+                _qwix_internals.get_or_create_param(
+                    name + suffix, lambda placed=placed: placed, nnx_param_type=AdapterParam
+                )
+    return None
+
+
+def traced_weight_error(name: str) -> UnsupportedLayerError:
+    return UnsupportedLayerError(
+        f"Module {module_path()!r} multiplies by its weight {name!r} inside a function that "
+        "JAX traces on its own (a jax.jit inside the model's call), where no adapter can "
+        "be added to the module. Multiply outside that jax.jit (the model is jitted as a "
+        "whole anyway), or exclude the module with LoraConfig.exclude."
+    )
+
+
+def _get_or_create_adapter(
+    name: str,
+    rule: qwix.LoraRule,
+    shapes: FactorShapes,
+    layout: LoraLayout,
+    operand: Any,
+    adapter_dtype: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Qwix's ``_get_or_create_lora_params`` for NNX, creating :class:`AdapterParam`.
+
+    New adapters are stored in ``adapter_dtype`` (``LoraConfig.adapter_dtype``),
+    or, when it is ``None``, in the weight's dtype (a QLoRA weight: its scale's).
+
+    Also records ``layout`` as ``<name>_lora_layout`` on the module, completed
+    with whether ``operand`` (the matmul's weight operand) is the stored
+    weight. The adapters are placed and annotated from the weight axes each of
+    their axes stands for (``shapes``) by ``_sharding.adapter_value``, on the
+    base weight's mesh.
+    """
+    module = _qwix_internals.get_current_module()
+    lora_a = getattr(module, name + LORA_A_SUFFIX, None)
+    lora_b = getattr(module, name + LORA_B_SUFFIX, None)
+    if lora_a is not None and lora_b is not None:
+        return _qwix_internals.unbox(lora_a), _qwix_internals.unbox(lora_b)
+
+    param = getattr(module, name)
+    if isinstance(param, QuantizedWeight):  # quantized from ``operand`` in this very call
+        _sharding.place_quantized(operand, weight_variables(param))
+    layout = dataclasses.replace(layout, operand_is_weight=_is_stored_weight(operand, param))
+    setattr(module, name + LAYOUT_SUFFIX, layout)
+    dtype, boxed = _quantized.dtype_and_boxed(param)
+    dtype = adapter_dtype or dtype
+    sharding = canonical_sharding(boxed)
+
+    def init(initializer: Callable[..., jax.Array], shape: tuple[int, ...], transpose: Any):
+        def create(rng: jax.Array) -> Any:
+            return _sharding.adapter_value(
+                initializer(rng, shape, dtype), boxed, sharding, transpose
+            )
+
+        return create
+
+    with _sharding.mesh_of(sharding):  # NNX places annotated variables on the current mesh
+        lora_a = _qwix_internals.get_or_create_param(
+            name + LORA_A_SUFFIX,
+            init(rule.lora_a_initializer, shapes.a, shapes.a_groups),
+            nnx_param_type=AdapterParam,
+            need_rng=True,
+        )
+        lora_b = _qwix_internals.get_or_create_param(
+            name + LORA_B_SUFFIX,
+            init(rule.lora_b_initializer, shapes.b, shapes.b_groups),
+            nnx_param_type=AdapterParam,
+            need_rng=True,
+        )
+    return lora_a, lora_b
+
+
+def _is_stored_weight(operand: Any, param: Any) -> bool:
+    """Whether a matmul's weight operand is ``param`` itself, possibly cast to another dtype.
+
+    Qwix matches an operand to a weight by identity, through unary operations
+    or, failing both, by shape alone; so a transposed square kernel, a flipped
+    one (``nnx.ConvTranspose``) or a masked one (``nnx.Conv(mask=...)``) gets an
+    adapter too, whose update then applies to the transform. The sample call
+    runs eagerly, so the values can be compared; under tracing (a model that
+    jits or scans inside ``__call__``) they cannot, and Qwix's match is trusted.
+    """
+    if isinstance(param, QuantizedWeight):
+        return True  # Qwix hands the quantized weight itself to the matmul
+    value = _qwix_internals.unbox(param)
+    if isinstance(operand, jax.core.Tracer) or isinstance(value, jax.core.Tracer):
+        return True
+    if operand is value:
+        return True
+    # Compared on the devices: a sharded weight is never gathered to the host.
+    return operand.shape == value.shape and bool(
+        jax.numpy.array_equal(operand, value.astype(operand.dtype))
+    )

@@ -1,0 +1,59 @@
+"""What an adapter is: the attributes it adds to a module, next to the weight it adapts.
+
+The adapter of a weight ``w`` is stored as attributes of the module holding ``w``, named
+``w`` plus a suffix. Qwix chose the layout (its providers read ``<weight>_lora_a`` and
+``<weight>_lora_b``), and state paths, checkpoints, sharding rules and the Hugging Face
+mapping all name these attributes; this module is the one place that says what they are.
+
+=================  =======================  ==================================================
+part               attribute                what it holds
+=================  =======================  ==================================================
+A, B               ``w_lora_a``,            the factors (``AdapterParam``; stacked along the
+                   ``w_lora_b``             layer axis in a scanned stack)
+layout             ``w_lora_layout``        ``LoraLayout``: which weight axes the factors stand
+                                            for, scale, variant, layer axis (static)
+state              ``w_lora_state``         ``AdapterState`` when not active (static)
+dropout            ``w_lora_dropout``       ``nnx.Dropout`` on the adapter's input (rate > 0)
+initial A, B       ``w_lora_initial_a``,    ``InitialFactor``: PiSSA/OLoRA starts, the weight
+                   ``w_lora_initial_b``     holding the residual
+magnitude          ``w_lora_magnitude``     DoRA's trained magnitude (``AdapterParam``)
+unmerged           ``w_lora_unmerged``      the weight's values before ``merge_adapter``
+=================  =======================  ==================================================
+
+Only A, B and the magnitude are trained; a checkpoint holds them, the initial factors, and
+(in its description) each layout.
+
+A module fully trained instead (``LoraConfig.modules_to_save``) keeps its values from before
+training in one attribute of its own, :data:`ORIGINAL_ATTRIBUTE`.
+"""
+
+from __future__ import annotations
+
+from nnx_peft._qwix_internals import QWIX_EINSUM_STR_SUFFIX
+
+LORA_A_SUFFIX = "_lora_a"
+LORA_B_SUFFIX = "_lora_b"
+LAYOUT_SUFFIX = "_lora_layout"
+STATE_SUFFIX = "_lora_state"
+DROPOUT_SUFFIX = "_lora_dropout"
+INITIAL_A_SUFFIX = "_lora_initial_a"
+INITIAL_B_SUFFIX = "_lora_initial_b"
+MAGNITUDE_SUFFIX = "_lora_magnitude"
+UNMERGED_SUFFIX = "_lora_unmerged"
+
+#: Attribute of a saved module (``modules_to_save``) holding its values from before training.
+ORIGINAL_ATTRIBUTE = "lora_saved_original"
+
+#: Every part but the unmerged values, which belong to the weight while it is merged, plus
+#: Qwix's own record of a LoRA einsum (its provider sets it; nnx_peft's does not).
+ADAPTER_SUFFIXES = (
+    LORA_A_SUFFIX,
+    LORA_B_SUFFIX,
+    LAYOUT_SUFFIX,
+    STATE_SUFFIX,
+    DROPOUT_SUFFIX,
+    INITIAL_A_SUFFIX,
+    INITIAL_B_SUFFIX,
+    MAGNITUDE_SUFFIX,
+    QWIX_EINSUM_STR_SUFFIX,
+)
