@@ -42,6 +42,34 @@ class Lookups:
             _qwix_internals.INTERCEPT_VARIABLE_GETITEM: self.variable_getitem,
         }
 
+    def _tables(self) -> list[tuple[nnx.Module, str]]:
+        """The lookup adapters the sample call created so far, as (module, table name)."""
+        tables: list[tuple[nnx.Module, str]] = vars(self).setdefault("_lookup_tables", [])
+        return tables
+
+    def mark_tied_elsewhere(self, operand: Any) -> None:
+        """Marks a lookup adapter ``tied`` when another module multiplies by its table.
+
+        A tied output head computed outside the embedding (``x @ embed.embedding[...].T``
+        in the model's own code) gets no update, as one inside it does (``Embed.attend``,
+        see ``_adapter_ops.multiplies_lookup_table``), and merging then refuses the
+        adapter instead of silently changing the head. Checked on the sample call only:
+        by value on concrete arrays, by shape under tracing, never for a weight of the
+        module running the product (its own head).
+        """
+        if getattr(_adapter_ops.WRAP_TIME, "provider", None) is None or not self._tables():
+            return
+        current = _qwix_internals.get_current_module()
+        if _adapter_ops.find_weight(operand, self._dry_run) is not None:
+            return
+        for module, name in self._tables():
+            layout = getattr(module, name + LAYOUT_SUFFIX)
+            if module is current or layout.tied:
+                continue
+            table = _qwix_internals.unbox(getattr(module, name))
+            if _embedding.multiplies_table(operand, table, traced=False):
+                setattr(module, name + LAYOUT_SUFFIX, dataclasses.replace(layout, tied=True))
+
     def take(self, a: Any, indices: Any, axis: int | None = None, **kwargs: Any) -> Any:
         """``jnp.take``, plus the update of a row lookup in a targeted module's table."""
         res = jax.numpy.take(a, indices, axis=axis, **kwargs)
@@ -94,6 +122,8 @@ class Lookups:
         sub = _factors.dot_general_subscripts(2, (0,), ())
         layout = _embedding.LOOKUP_LAYOUT
         adapter = self._adapter(weight_name, rule, spec, shapes, layout, sub, table)
+        if adapter is None:  # created: watch for its table multiplied elsewhere
+            self._tables().append((_qwix_internals.get_current_module(), weight_name))
 
         def update(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array) -> jax.Array:
             del x  # the ids, cast to the compute dtype: the lookup takes them as they are

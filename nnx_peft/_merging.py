@@ -179,7 +179,8 @@ def check_mergeable(path: str, weight: str, layout: LoraLayout) -> None:
     if layout.tied:
         raise UnmergeableAdapterError(
             f"{where} updates the lookups of an embedding table that the model also "
-            "multiplies by (a tied output head, such as nnx.Embed.attend). The head gets no "
+            "multiplies by (a tied output head, such as nnx.Embed.attend or x @ table.T in "
+            "another module). The head gets no "
             "update (as in HF PEFT), so folding the delta into the shared table would change "
             f"the head's outputs too; an untied {weight!r} was expected. Keep this model "
             "unmerged, or untie the head (a separate output weight) before training."

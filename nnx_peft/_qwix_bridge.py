@@ -264,6 +264,7 @@ class PeftLoraProvider(RawProducts, Lookups, qwix.PtqProvider):
             preferred_element_type,
             out_sharding=out_sharding,
         )
+        self.mark_tied_elsewhere(rhs)
         rule = self._rule("dot_general")
         weight_name = _adapter_ops.find_weight(rhs, self._dry_run) if rule else None
         if rule is not None:
@@ -297,6 +298,8 @@ class PeftLoraProvider(RawProducts, Lookups, qwix.PtqProvider):
                 ),
             )
         res = super().einsum(einsum_str, *operands, **kwargs)
+        if len(operands) == 2:
+            self.mark_tied_elsewhere(operands[1])
         rule = self._rule("einsum")
         if rule is None:
             return res

@@ -393,22 +393,40 @@ def table_variable(embedder: nnx.Module) -> nnx.Param:
 
 
 class EmbeddingNet(nnx.Module):
-    """Ids -> table lookup -> projection -> logits, by a head of its own or the tied table."""
+    """Ids -> table lookup -> projection -> logits, by a head of its own or the tied table.
 
-    def __init__(self, vocab: int, features: int, lookup: str, tied: bool, *, rngs: nnx.Rngs):
+    A tied head is the embedder's own ``attend``, or (``tied_outside``) a product in this
+    module's code by the embedder's table, as many hand-written LLMs compute their logits.
+    """
+
+    def __init__(
+        self,
+        vocab: int,
+        features: int,
+        lookup: str,
+        tied: bool,
+        *,
+        rngs: nnx.Rngs,
+        tied_outside: bool = False,
+    ):
         if lookup == "embed":
             self.embedder: nnx.Module = nnx.Embed(vocab, features, rngs=rngs)
         else:
             self.embedder = IndexedTable(vocab, features, rngs=rngs)
         self.proj = nnx.Linear(features, features, rngs=rngs)
         self.head = None if tied else nnx.Linear(features, vocab, rngs=rngs)
+        self.tied_outside = tied_outside
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return self.after_lookup(self.embedder(ids))
 
     def after_lookup(self, x: jax.Array) -> jax.Array:
         h = jnp.tanh(self.proj(x))
-        return self.embedder.attend(h) if self.head is None else self.head(h)
+        if self.head is not None:
+            return self.head(h)
+        if self.tied_outside:
+            return h @ table_variable(self.embedder)[...].T
+        return self.embedder.attend(h)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -422,9 +440,17 @@ class EmbeddingCase:
     lookup: str  # 'embed' (nnx.Embed: jnp.take) or 'index' (table[(ids,)])
     tied: bool
     target: str = "embedder|proj"
+    tied_outside: bool = False  # a tied head: the table multiplied outside the embedder
 
     def build(self, seed: int = 0) -> EmbeddingNet:
-        return EmbeddingNet(self.vocab, self.features, self.lookup, self.tied, rngs=nnx.Rngs(seed))
+        return EmbeddingNet(
+            self.vocab,
+            self.features,
+            self.lookup,
+            self.tied,
+            rngs=nnx.Rngs(seed),
+            tied_outside=self.tied_outside,
+        )
 
     def ids(self, seed: int = 3) -> jax.Array:
         return jax.random.randint(jax.random.key(seed), (2, 5), 0, self.vocab)
@@ -432,15 +458,18 @@ class EmbeddingCase:
 
 @st.composite
 def embedding_cases(draw: st.DrawFn, tied: bool | None = None) -> EmbeddingCase:
-    """Table sizes, lookup style, tied or not, rank, alpha and targets."""
+    """Table sizes, lookup style, tied (by the embedder or outside it) or not, rank, alpha
+    and targets."""
+    tied = draw(st.booleans()) if tied is None else tied
     return EmbeddingCase(
         vocab=draw(st.sampled_from([3, 7, 12])),
         features=draw(st.sampled_from([4, 6])),
         rank=draw(st.integers(1, 3)),
         alpha=draw(st.sampled_from([1.0, 4.0])),
         lookup=draw(st.sampled_from(["embed", "index"])),
-        tied=draw(st.booleans()) if tied is None else tied,
+        tied=tied,
         target=draw(st.sampled_from(["embedder", "embedder|proj", ".*"])),
+        tied_outside=tied and draw(st.booleans()),
     )
 
 

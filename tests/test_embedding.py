@@ -126,6 +126,34 @@ def test_tied_head_gets_no_update_and_refuses_merging(case: strategies.Embedding
         model.merge_and_unload()
 
 
+@pytest.mark.parametrize("lookup", ["embed", "index"])
+def test_a_head_tied_outside_the_embedding_refuses_merging(lookup: str) -> None:
+    """Logits computed as ``h @ table.T`` by the model's own code, not by the embedder:
+    merging would change that head too (it did, silently, by up to 1.06 before)."""
+    case = strategies.EmbeddingCase(
+        vocab=7, features=4, rank=2, alpha=4.0, lookup=lookup, tied=True, tied_outside=True
+    )
+    base = case.build()
+    model = strategies.randomized_adapters(_wrap(case, target="embedder"), scale=0.3)
+    ids = case.ids()
+    expected = base.after_lookup(_adapted_rows(case, base, model, ids))
+    np.testing.assert_allclose(np.asarray(model(ids)), np.asarray(expected), rtol=1e-5, atol=1e-5)
+    with pytest.raises(nnx_peft.UnmergeableAdapterError, match=r"x @ table\.T in another module"):
+        model.merge_and_unload()
+
+
+def test_an_untied_head_shaped_like_the_transposed_table_still_merges() -> None:
+    """The separate head's kernel has the transposed table's shape, not its values."""
+    case = strategies.EmbeddingCase(
+        vocab=7, features=4, rank=2, alpha=4.0, lookup="embed", tied=False
+    )
+    model = strategies.randomized_adapters(_wrap(case, target="embedder|head"), scale=0.3)
+    ids = case.ids()
+    np.testing.assert_allclose(
+        np.asarray(model.merge_and_unload()(ids)), np.asarray(model(ids)), rtol=1e-5, atol=1e-5
+    )
+
+
 def _arrays(model: nnx.Module, kind: object) -> dict[str, np.ndarray]:
     return {
         "/".join(map(str, path)): np.array(v.get_value())
