@@ -24,12 +24,13 @@ from tests import strategies
 from tests.strategies import CallRngsCase, MultiMethodCase, NestedCase, RoutedCase
 
 
-def _randomize_b(model: nnx_peft.PeftModel, seed: int = 7) -> None:
+def _randomize_b(model: nnx_peft.PeftModel, seed: int = 7, scale: float = 1.0) -> None:
     for _, module in nnx.iter_modules(model.model):
         for name, value in list(vars(module).items()):
             if name.endswith("_lora_b") and isinstance(value, nnx_peft.AdapterParam):
                 old = value.get_value()
-                value.set_value(jax.random.normal(jax.random.key(seed), old.shape, old.dtype))
+                draw = jax.random.normal(jax.random.key(seed), old.shape, old.dtype)
+                value.set_value(scale * draw)
                 seed += 1
 
 
@@ -119,7 +120,9 @@ def test_submodules_called_directly_run_with_the_active_adapters(case: NestedCas
     fresh = _block_calls(model.model, case, x)
     for key, value in expected.items():  # a fresh adapter changes no method of any block
         assert bool((fresh[key] == value).all()), key
-    _randomize_b(model)
+    # B at about the base weights' scale: with unit-variance B, a chain of four layers grew
+    # the float32 rounding of merged vs adapted to 2.2e-5 (CI profile, seed 1828733524).
+    _randomize_b(model, scale=0.3)
     adapted = _block_calls(model.model, case, x)
     # The root's output is its parts, each called directly, one after the other.
     y = x
@@ -315,7 +318,7 @@ class CastingProjection(nnx.Module):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("how", ["einsum-astype", "dense-asarray", "method-astype"])
 def test_qlora_follows_casts_of_the_weight(how: str, dtype: object) -> None:
-    from nnx_peft._qwix_bridge import QuantizedWeight
+    from nnx_peft._quantized import QuantizedWeight
 
     x = jax.random.normal(jax.random.key(3), (2, 8))
     config = nnx_peft.LoraConfig(rank=2, alpha=4.0, target=".*", weight_qtype="nf4")
