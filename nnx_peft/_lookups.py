@@ -57,17 +57,22 @@ class Lookups:
         by value on concrete arrays, by shape under tracing, never for a weight of the
         module running the product (its own head).
         """
-        if getattr(_adapter_ops.WRAP_TIME, "provider", None) is None or not self._tables():
+        if getattr(_adapter_ops.WRAP_TIME, "provider", None) is None:
             return
         current = _qwix_internals.get_current_module()
-        if _adapter_ops.find_weight(operand, self._dry_run) is not None:
+        shapes = {tuple(operand.shape), tuple(operand.shape[::-1])}
+        candidates = [
+            (_qwix_internals.unbox(getattr(module, name)), module, name)
+            for module, name in self._tables()
+            if module is not current
+        ]
+        candidates = [c for c in candidates if tuple(c[0].shape) in shapes]
+        # The weight lookup runs only for a product shaped like a table, not for every one.
+        if not candidates or _adapter_ops.find_weight(operand, self._dry_run) is not None:
             return
-        for module, name in self._tables():
+        for table, module, name in candidates:
             layout = getattr(module, name + LAYOUT_SUFFIX)
-            if module is current or layout.tied:
-                continue
-            table = _qwix_internals.unbox(getattr(module, name))
-            if _embedding.multiplies_table(operand, table, traced=False):
+            if not layout.tied and _embedding.multiplies_table(operand, table, traced=False):
                 setattr(module, name + LAYOUT_SUFFIX, dataclasses.replace(layout, tied=True))
 
     def take(self, a: Any, indices: Any, axis: int | None = None, **kwargs: Any) -> Any:
