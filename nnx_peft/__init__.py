@@ -1,5 +1,6 @@
 """nnx_peft: LoRA-family fine-tuning for any Flax NNX model, on top of Qwix."""
 
+from nnx_peft._adapter import AdapterInfo as AdapterInfo
 from nnx_peft._config import INIT_METHODS as INIT_METHODS
 from nnx_peft._config import WEIGHT_QTYPES as WEIGHT_QTYPES
 from nnx_peft._config import LoraConfig as LoraConfig
@@ -40,7 +41,6 @@ from nnx_peft._errors import UnmergeableAdapterError as UnmergeableAdapterError
 from nnx_peft._errors import UnreachedTargetError as UnreachedTargetError
 from nnx_peft._errors import UnsupportedLayerError as UnsupportedLayerError
 from nnx_peft._errors import UnsupportedPeftFieldError as UnsupportedPeftFieldError
-from nnx_peft._injection import AdapterInfo as AdapterInfo
 from nnx_peft._peft_model import PeftModel as PeftModel
 from nnx_peft._peft_model import merge as merge
 from nnx_peft._planning import bytes_per_device as bytes_per_device

@@ -13,8 +13,8 @@ from typing import Protocol, TypeVar
 
 from flax import nnx
 
+from nnx_peft._adapter import AdapterInfo
 from nnx_peft._config import LoraConfig
-from nnx_peft._injection import AdapterInfo
 
 
 class Adapted(Protocol):

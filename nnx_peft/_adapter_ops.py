@@ -32,22 +32,19 @@ import qwix
 from flax import nnx
 
 from nnx_peft import _embedding, _quantized, _qwix_internals, _sharding
-from nnx_peft._adapter_state import AdapterState, adapter_state, refuse_adapter_gradients
+from nnx_peft._adapter import Adapter, adapters_of
+from nnx_peft._adapter_state import AdapterState, refuse_adapter_gradients
 from nnx_peft._errors import UnreachedTargetError, UnsupportedLayerError
 from nnx_peft._factors import Subscripts
 from nnx_peft._layout import LoraLayout
 from nnx_peft._parts import (
-    DROPOUT_SUFFIX,
-    INITIAL_A_SUFFIX,
-    INITIAL_B_SUFFIX,
-    LAYOUT_SUFFIX,
     LORA_A_SUFFIX,
     LORA_B_SUFFIX,
 )
 from nnx_peft._products import FactorShapes
 from nnx_peft._quantized import QuantizedWeight, weight_variables
 from nnx_peft._qwix_internals import QWIX_RNGS
-from nnx_peft._variables import AdapterParam, InitialFactor
+from nnx_peft._variables import AdapterParam
 from nnx_peft._variants import AdapterSpec, check_supported
 
 #: The wrapper's sample call, while it runs: ``WRAP_TIME.provider`` is its provider
@@ -101,20 +98,17 @@ def multiplies_lookup_table(weight_name: str | None, operand: Any, traced: bool)
     transposed table is found by value (Qwix does not find it), a traced one
     by Qwix's match through the transpose.
     """
-    module = _qwix_internals.get_current_module()
-    for name, layout in list(vars(module).items()):
-        if not (name.endswith(LAYOUT_SUFFIX) and isinstance(layout, LoraLayout) and layout.lookup):
+    for adapter in adapters_of(module_path(), _qwix_internals.get_current_module()):
+        layout = adapter.layout
+        if not layout.lookup or weight_name not in (None, adapter.weight):
             continue
-        table_name = name[: -len(LAYOUT_SUFFIX)]
-        if weight_name is not None and weight_name != table_name:
-            continue
-        table = _qwix_internals.unbox(getattr(module, table_name))
+        table = _qwix_internals.unbox(adapter.base)
         if weight_name is None and not _embedding.multiplies_table(
             operand, table, traced or layout.tied
         ):
             continue
         if not layout.tied and getattr(WRAP_TIME, "provider", None) is not None:
-            setattr(module, name, dataclasses.replace(layout, tied=True))
+            adapter.set_layout(dataclasses.replace(layout, tied=True))
         return True
     return False
 
@@ -148,12 +142,12 @@ def add_update(
         if getattr(module, QWIX_RNGS, None) is not None:
             dropout_layer(weight_name, rule)
         return res
-    layout: LoraLayout = getattr(module, weight_name + LAYOUT_SUFFIX)
+    parts = Adapter(module_path(), module, weight_name)
+    layout = parts.layout
     extras = {
-        suffix: _qwix_internals.unbox(getattr(module, weight_name + suffix))
-        for suffix in layout.update.extra_suffixes
+        suffix: _qwix_internals.unbox(parts.part(suffix)) for suffix in layout.update.extra_suffixes
     }
-    state = adapter_state(module, weight_name)
+    state = parts.state
     compute = _compute_dtype(lhs, operand)
 
     def cast_update(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
@@ -178,8 +172,8 @@ def add_update(
         return adapted.astype(res.dtype)
     if state is AdapterState.MERGED:
         return refuse_adapter_gradients(module_path(), res, (*adapter, *extras.values()))
-    initial = [getattr(module, weight_name + s, None) for s in (INITIAL_A_SUFFIX, INITIAL_B_SUFFIX)]
-    if initial[0] is None or initial[1] is None:
+    initial = parts.initial
+    if initial is None:
         return res
     # The weight holds the residual W - scale * A0 B0: add the initial adapter back.
     return res + cast_update(lhs, initial[0].get_value(), initial[1].get_value())
@@ -207,11 +201,11 @@ def dropout_layer(weight_name: str, rule: qwix.LoraRule) -> nnx.Dropout | None:
     if rule.dropout == 0:
         return None
     module = _qwix_internals.get_current_module()
-    name = weight_name + DROPOUT_SUFFIX
-    layer = getattr(module, name, None)
+    parts = Adapter(module_path(), module, weight_name)
+    layer = parts.dropout
     if layer is None:
         layer = nnx.Dropout(rule.dropout, rngs=getattr(module, QWIX_RNGS))
-        setattr(module, name, layer)
+        parts.set_dropout(layer)
     return layer
 
 
@@ -255,7 +249,8 @@ def adapter(
     will use from then on.
     """
     module = _qwix_internals.get_current_module()
-    if getattr(module, name + LORA_A_SUFFIX, None) is not None:
+    parts = Adapter(module_path(), module, name)
+    if parts.part(LORA_A_SUFFIX) is not None:
         return _get_or_create_adapter(name, rule, shapes, layout, operand)
     if getattr(WRAP_TIME, "provider", None) is None:
         raise UnreachedTargetError(
@@ -301,8 +296,7 @@ def adapter(
         if not isinstance(stored, jax.core.Tracer):
             residual = jax.device_put(residual, stored.sharding)
         param.set_value(residual)  # in the wrapper's clone only
-        setattr(module, name + INITIAL_A_SUFFIX, InitialFactor(lora_a))
-        setattr(module, name + INITIAL_B_SUFFIX, InitialFactor(lora_b))
+        parts.set_initial(lora_a, lora_b)
         weight = residual.astype(weight.dtype)
     extras = spec.update.extra_params(sub, weight, lora_a, lora_b, spec.scale)
     if extras:
@@ -316,7 +310,7 @@ def adapter(
                 stored = value.astype(jax.numpy.promote_types(dtype, jax.numpy.float32))
                 placed = _sharding.adapter_value(stored, boxed, sharding, axes)
                 _qwix_internals.get_or_create_param(
-                    name + suffix, lambda placed=placed: placed, nnx_param_type=AdapterParam
+                    parts.name(suffix), lambda placed=placed: placed, nnx_param_type=AdapterParam
                 )
     return None
 
@@ -350,8 +344,8 @@ def _get_or_create_adapter(
     base weight's mesh.
     """
     module = _qwix_internals.get_current_module()
-    lora_a = getattr(module, name + LORA_A_SUFFIX, None)
-    lora_b = getattr(module, name + LORA_B_SUFFIX, None)
+    parts = Adapter(module_path(), module, name)
+    lora_a, lora_b = parts.part(LORA_A_SUFFIX), parts.part(LORA_B_SUFFIX)
     if lora_a is not None and lora_b is not None:
         return _qwix_internals.unbox(lora_a), _qwix_internals.unbox(lora_b)
 
@@ -359,7 +353,7 @@ def _get_or_create_adapter(
     if isinstance(param, QuantizedWeight):  # quantized from ``operand`` in this very call
         _sharding.place_quantized(operand, weight_variables(param))
     layout = dataclasses.replace(layout, operand_is_weight=_is_stored_weight(operand, param))
-    setattr(module, name + LAYOUT_SUFFIX, layout)
+    parts.set_layout(layout)
     dtype, boxed = _quantized.dtype_and_boxed(param)
     dtype = adapter_dtype or dtype
     sharding = canonical_sharding(boxed)
@@ -374,13 +368,13 @@ def _get_or_create_adapter(
 
     with _sharding.mesh_of(sharding):  # NNX places annotated variables on the current mesh
         lora_a = _qwix_internals.get_or_create_param(
-            name + LORA_A_SUFFIX,
+            parts.name(LORA_A_SUFFIX),
             init(rule.lora_a_initializer, shapes.a, shapes.a_groups),
             nnx_param_type=AdapterParam,
             need_rng=True,
         )
         lora_b = _qwix_internals.get_or_create_param(
-            name + LORA_B_SUFFIX,
+            parts.name(LORA_B_SUFFIX),
             init(rule.lora_b_initializer, shapes.b, shapes.b_groups),
             nnx_param_type=AdapterParam,
             need_rng=True,

@@ -2,8 +2,9 @@
 
 The state lives on the adapted module as the static attribute
 ``<weight>_lora_state``, part of the NNX graph definition, so ``nnx.jit``
-retraces when it changes. The Qwix provider (``_adapter_ops.add_update``) reads it on
-every call; merging (``_merging``) sets it.
+retraces when it changes; ``_adapter.Adapter.state`` reads it and ``set_state`` sets
+it. The Qwix provider (``_adapter_ops.add_update``) reads it on every call; merging
+(``_merging``) sets it.
 """
 
 from __future__ import annotations
@@ -13,11 +14,9 @@ import functools
 from typing import Any
 
 import jax
-from flax import nnx
 from jax.custom_derivatives import SymbolicZero
 
 from nnx_peft._errors import AdapterStateError
-from nnx_peft._parts import STATE_SUFFIX, UNMERGED_SUFFIX
 
 
 class AdapterState(enum.Enum):
@@ -36,35 +35,6 @@ class AdapterState(enum.Enum):
     #: Skip the update, which is already folded into the base weight.
     #: Differentiating with respect to the adapters raises AdapterStateError.
     MERGED = "merged"
-
-
-def adapter_state(module: nnx.Module, weight: str) -> AdapterState:
-    """The state of the adapter of ``module.<weight>``.
-
-    A weight holding its pre-merge values (``<weight>_lora_unmerged``) is
-    merged even where the static attribute says otherwise: that happens when a
-    merged model's ``nnx.state`` is put into an unmerged one with
-    ``nnx.update``, which adds the variable but not the static attribute. The
-    weights are merged then, so the update must not be added again.
-    """
-    state: AdapterState = getattr(module, weight + STATE_SUFFIX, AdapterState.ACTIVE)
-    if state is AdapterState.ACTIVE and weight + UNMERGED_SUFFIX in vars(module):
-        return AdapterState.MERGED
-    return state
-
-
-def set_adapter_state(module: nnx.Module, weight: str, state: AdapterState) -> None:
-    """Sets the state of the adapter of ``module.<weight>``.
-
-    ``ACTIVE`` removes the attribute, so a model returns to the very graph
-    definition it had before (and ``nnx.jit`` finds its earlier trace).
-    """
-    name = weight + STATE_SUFFIX
-    if state is AdapterState.ACTIVE:
-        if name in vars(module):
-            delattr(module, name)
-    else:
-        setattr(module, name, state)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))

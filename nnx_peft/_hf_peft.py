@@ -24,6 +24,7 @@ from flax import nnx
 
 from nnx_peft import _hf_config, _hf_layout, _hf_saved, _safetensors, _saved_modules
 from nnx_peft._adapted import Adapted, AdaptedT
+from nnx_peft._adapter import Adapter, adapters
 from nnx_peft._checkpoint_format import adapter_variables, require_unmerged, values
 from nnx_peft._config import LoraConfig
 from nnx_peft._errors import (
@@ -36,8 +37,6 @@ from nnx_peft._errors import (
     UnsupportedPeftFieldError,
 )
 from nnx_peft._injection import as_pattern
-from nnx_peft._layout import LoraLayout
-from nnx_peft._parts import LAYOUT_SUFFIX, LORA_A_SUFFIX, LORA_B_SUFFIX, MAGNITUDE_SUFFIX
 from nnx_peft._paths import module_paths
 from nnx_peft._sharding import require_addressable
 from nnx_peft._variants import AdapterPlan
@@ -137,13 +136,23 @@ def _unique(named: Mapping[str, str], wanted: set[str] | None = None) -> dict[st
 
 @dataclasses.dataclass(frozen=True)
 class _Adapted:
-    """One adapted module of a wrapper: its path, module, weight name and layout."""
+    """One adapted module of a wrapper: its adapter, and that adapter as a PEFT Linear."""
 
-    path: str
-    module: nnx.Module
-    weight: str
+    adapter: Adapter
     linear: _hf_layout.HfLinear
-    lookup: bool
+
+    @property
+    def path(self) -> str:
+        return self.adapter.path
+
+    @property
+    def weight(self) -> str:
+        return self.adapter.weight
+
+    @property
+    def lookup(self) -> bool:
+        """Whether the adapter updates an embedding's row lookups."""
+        return self.adapter.layout.lookup
 
     @property
     def suffixes(self) -> tuple[str, str]:
@@ -152,33 +161,30 @@ class _Adapted:
 
     def base_as_hf(self) -> np.ndarray:
         """The base weight as PEFT saves it: an embedding's as is, a Linear's ``(out, in)``."""
-        value = np.asarray(jax.device_get(getattr(self.module, self.weight).get_value()))
+        value = _host(self.adapter.base)
         return value if self.lookup else self.linear.weight_to_hf(value)
 
 
 def _adapted(model: Adapted) -> dict[str, _Adapted]:
     """Every adapted module by path, refusing modules with several adapted weights."""
     found: dict[str, _Adapted] = {}
-    modules = module_paths(model.model)
-    for info in model.adapters():
-        module = modules[info.module_path]
-        where = f"weight {info.weight!r} of module {info.module_path!r}"
-        if info.module_path in found:
+    for adapter in adapters(model.model):
+        path, weight = adapter.path, adapter.weight
+        where = f"weight {weight!r} of module {path!r}"
+        if path in found:
             raise FusedWeightError(
-                f"Module {info.module_path!r} has several adapted weights "
-                f"({found[info.module_path].weight!r}, {info.weight!r}); a PEFT module name "
+                f"Module {path!r} has several adapted weights "
+                f"({found[path].weight!r}, {weight!r}); a PEFT module name "
                 "stands for one Linear. Leave the module out of module_map."
             )
-        layout: LoraLayout = getattr(module, info.weight + LAYOUT_SUFFIX)
-        lin = _hf_layout.hf_linear(layout, info.a_shape, info.b_shape, where)
+        info = adapter.info()
+        lin = _hf_layout.hf_linear(adapter.layout, info.a_shape, info.b_shape, where)
         if len(lin.sizes) < len(lin.sub.weight) + 1:
-            shape = tuple(getattr(module, info.weight).get_value().shape)
+            shape = tuple(adapter.base.get_value().shape)
             if len(shape) == len(lin.sub.weight):
                 lin = _hf_layout.with_weight_sizes(lin, shape)
         _hf_layout.check_explained(lin, info.a_shape, info.b_shape, where)
-        found[info.module_path] = _Adapted(
-            info.module_path, module, info.weight, lin, layout.lookup
-        )
+        found[path] = _Adapted(adapter, lin)
     return found
 
 
@@ -343,17 +349,16 @@ def from_hf_peft(
     _check_kinds(adapted, placed, split, where)
     for name, parts in modules.items():
         entry = adapted[placed[name]]
-        module, weight, lin = entry.module, entry.weight, entry.linear
-        variables = {
-            "A": getattr(module, weight + LORA_A_SUFFIX),
-            "B": getattr(module, weight + LORA_B_SUFFIX),
-        }
+        lin = entry.linear
+        variables: dict[str, nnx.Variable[Any]] = {"A": entry.adapter.a, "B": entry.adapter.b}
         expected: dict[str, tuple[int, ...]] = {
             "A": (lin.sizes[lin.sub.rank], lin.size(lin.inputs))
         }
         expected["B"] = (lin.size(lin.outputs), lin.sizes[lin.sub.rank])
         if settings.use_dora:
-            variables["magnitude"] = getattr(module, weight + MAGNITUDE_SUFFIX)
+            magnitude = entry.adapter.magnitude
+            assert magnitude is not None  # the wrapper was made with use_dora
+            variables["magnitude"] = magnitude
             expected["magnitude"] = (lin.size(lin.outputs),)
         suffixes = dict(zip(("A", "B"), entry.suffixes, strict=True)) | {"magnitude": _MAGNITUDE}
         for kind, shape in expected.items():
@@ -361,7 +366,7 @@ def from_hf_peft(
                 raise HfShapeError(
                     f"{where}: {PREFIX}{name}{suffixes[kind]} has shape "
                     f"{tuple(parts[kind].shape)}, but "
-                    f"module {placed[name]!r} (weight {weight!r}, in axes "
+                    f"module {placed[name]!r} (weight {entry.weight!r}, in axes "
                     f"{[lin.sizes[c] for c in lin.inputs]}, out axes "
                     f"{[lin.sizes[c] for c in lin.outputs]}) needs {shape}. The adapter was "
                     "trained on another model size; load it onto the model it was made for."
@@ -484,14 +489,15 @@ def save_hf_peft(
     plan = AdapterPlan.from_config(config)
     tensors: dict[str, np.ndarray] = {}
     for p, entry in adapted.items():
-        module, lin = entry.module, entry.linear
+        lin = entry.linear
         key = f"{PREFIX}{names[p]}"
         a_suffix, b_suffix = entry.suffixes
-        tensors[key + a_suffix] = lin.a_to_hf(_host(module, entry.weight + LORA_A_SUFFIX))
-        tensors[key + b_suffix] = lin.b_to_hf(_host(module, entry.weight + LORA_B_SUFFIX))
+        tensors[key + a_suffix] = lin.a_to_hf(_host(entry.adapter.a))
+        tensors[key + b_suffix] = lin.b_to_hf(_host(entry.adapter.b))
         if config.use_dora:
-            magnitude = _host(module, entry.weight + MAGNITUDE_SUFFIX)
-            tensors[key + _MAGNITUDE] = lin.magnitude_to_hf(magnitude)
+            magnitude = entry.adapter.magnitude
+            assert magnitude is not None  # the wrapper was made with use_dora
+            tensors[key + _MAGNITUDE] = lin.magnitude_to_hf(_host(magnitude))
     for p, module in roots.items():
         for param, value in _hf_saved.to_hf(module, p).items():
             tensors[f"{PREFIX}{named[p]}.{param}"] = value
@@ -511,9 +517,9 @@ def save_hf_peft(
     _write_folder(target, data, {k: np.ascontiguousarray(v) for k, v in tensors.items()})
 
 
-def _host(module: nnx.Module, name: str) -> np.ndarray:
-    """The array of variable ``name`` of ``module``, on the host."""
-    return np.asarray(jax.device_get(getattr(module, name).get_value()))
+def _host(variable: nnx.Variable[Any]) -> np.ndarray:
+    """The array of ``variable``, on the host."""
+    return np.asarray(jax.device_get(variable.get_value()))
 
 
 def _check_target(target: Path, overwrite: bool) -> Path:

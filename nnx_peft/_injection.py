@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import linecache
-import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, NoReturn
@@ -15,6 +14,7 @@ import qwix
 from flax import nnx
 
 from nnx_peft import _abstract, _saved_modules, _stacks
+from nnx_peft._adapter import AdapterInfo, adapters
 from nnx_peft._config import ALL_LINEAR, LoraConfig
 from nnx_peft._errors import (
     NoAdapterCreatedError,
@@ -26,62 +26,12 @@ from nnx_peft._errors import (
     UnsupportedLayerError,
 )
 from nnx_peft._interception import LAYERS_WITH_LAYOUTS, apply_lora, unwrapped_type
-from nnx_peft._layout import CallRecord, LoraLayout
-from nnx_peft._parts import LAYOUT_SUFFIX, LORA_A_SUFFIX, LORA_B_SUFFIX, MAGNITUDE_SUFFIX
+from nnx_peft._layout import CallRecord
 from nnx_peft._paths import is_under, module_paths, path_string
 from nnx_peft._qwix_bridge import PeftLoraProvider
 from nnx_peft._qwix_internals import QWIX_PATH
 from nnx_peft._variables import AdapterParam
 from nnx_peft._variants import AdapterPlan
-
-
-@dataclasses.dataclass(frozen=True)
-class AdapterInfo:
-    """One adapted weight: where it is, the shapes of its factors, and how it is scaled.
-
-    Attributes:
-        module_path: ``/``-joined path of the module holding the weight, relative
-            to the adapted model (``PeftModel.model``).
-        weight: Attribute name of the base weight in that module, e.g. ``kernel``.
-        a_shape: Shape of ``<weight>_lora_a``.
-        b_shape: Shape of ``<weight>_lora_b``.
-        dtype: Adapter dtype (``LoraConfig.adapter_dtype``, or with ``None`` that of the
-            base weight or of its quantization scale).
-        rank: The adapter's rank (``LoraConfig.rank`` or its ``rank_pattern``).
-        scale: The factor of its update (``alpha / rank``, or ``alpha / sqrt(rank)``
-            with ``use_rslora``, from its ``alpha_pattern`` and ``rank_pattern``).
-        variant: ``'lora'``, or ``'dora'`` for a weight-decomposed adapter.
-        magnitude_shape: Shape of a DoRA adapter's ``<weight>_lora_magnitude``
-            (the weight's shape without its contracting axes), else ``None``.
-        layers: For a weight of a scanned layer stack, the number of layers
-            (each has its own adapter; the shapes above are the stacked ones,
-            with the layer axis at ``layer_axis``); ``None`` otherwise.
-        layer_axis: The layer axis of the weight and of its adapter's arrays,
-            or ``None``.
-    """
-
-    module_path: str
-    weight: str
-    a_shape: tuple[int, ...]
-    b_shape: tuple[int, ...]
-    dtype: str
-    rank: int
-    scale: float
-    variant: str = "lora"
-    magnitude_shape: tuple[int, ...] | None = None
-    layers: int | None = None
-    layer_axis: int | None = None
-
-    @property
-    def size(self) -> int:
-        """Number of trained adapter parameters (A, B and a DoRA magnitude), all layers."""
-        magnitude = math.prod(self.magnitude_shape) if self.magnitude_shape is not None else 0
-        return math.prod(self.a_shape) + math.prod(self.b_shape) + magnitude
-
-    @property
-    def layer_size(self) -> int:
-        """Number of trained adapter parameters of one layer (``size`` if not stacked)."""
-        return self.size // (self.layers or 1)
 
 
 def is_all_linear(config: LoraConfig) -> bool:
@@ -158,31 +108,9 @@ def rules(config: LoraConfig, targets: Iterable[str]) -> list[qwix.QuantizationR
 
 
 def iter_adapters(model: nnx.Module) -> Iterator[AdapterInfo]:
-    """Yields every adapter pair nnx_peft created in ``model``, in module order."""
-    for path, module in nnx.iter_modules(model):
-        for name, value in list(vars(module).items()):
-            if not (name.endswith(LORA_A_SUFFIX) and isinstance(value, AdapterParam)):
-                continue
-            weight = name[: -len(LORA_A_SUFFIX)]
-            lora_b = getattr(module, weight + LORA_B_SUFFIX)
-            layout: LoraLayout = getattr(module, weight + LAYOUT_SUFFIX)
-            magnitude = getattr(module, weight + MAGNITUDE_SUFFIX, None)
-            a_shape = tuple(value.get_value().shape)
-            axis = layout.layer_axis
-            layer_a_shape = a_shape if axis is None else a_shape[:axis] + a_shape[axis + 1 :]
-            yield AdapterInfo(
-                module_path=path_string(path),
-                weight=weight,
-                a_shape=a_shape,
-                b_shape=tuple(lora_b.get_value().shape),
-                dtype=str(value.get_value().dtype),
-                rank=int(layer_a_shape[-1]),
-                scale=layout.scale,
-                variant=layout.update.name,
-                magnitude_shape=(None if magnitude is None else tuple(magnitude.get_value().shape)),
-                layers=None if axis is None else a_shape[axis],
-                layer_axis=axis,
-            )
+    """Yields the summary of every adapter nnx_peft created in ``model``, in module order."""
+    for adapter in adapters(model):
+        yield adapter.info()
 
 
 # --- Running the provider ------------------------------------------------------------------

@@ -17,10 +17,11 @@ import qwix
 from flax import nnx
 
 from nnx_peft import _adapter_ops, _embedding, _factors, _qwix_internals
+from nnx_peft._adapter import Adapter
 from nnx_peft._errors import UnsupportedLayerError
 from nnx_peft._layout import CallRecord
-from nnx_peft._parts import LAYOUT_SUFFIX
 from nnx_peft._products import FactorShapes
+from nnx_peft._qwix_internals import QWIX_PATH
 from nnx_peft._variants import AdapterPlan
 
 _here = _adapter_ops.module_path
@@ -71,9 +72,10 @@ class Lookups:
         if not candidates or _adapter_ops.find_weight(operand, self._dry_run) is not None:
             return
         for table, module, name in candidates:
-            layout = getattr(module, name + LAYOUT_SUFFIX)
+            adapter = Adapter("/".join(map(str, getattr(module, QWIX_PATH, ()))), module, name)
+            layout = adapter.layout
             if not layout.tied and _embedding.multiplies_table(operand, table, traced=False):
-                setattr(module, name + LAYOUT_SUFFIX, dataclasses.replace(layout, tied=True))
+                adapter.set_layout(dataclasses.replace(layout, tied=True))
 
     def take(self, a: Any, indices: Any, axis: int | None = None, **kwargs: Any) -> Any:
         """``jnp.take``, plus the update of a row lookup in a targeted module's table."""
@@ -103,8 +105,8 @@ class Lookups:
         weight_name = _adapter_ops.find_weight(table, self._dry_run)
         if weight_name is None:
             return res
-        layout = getattr(_qwix_internals.get_current_module(), weight_name + LAYOUT_SUFFIX, None)
-        if layout is not None and not layout.lookup:
+        existing = Adapter(_here(), _qwix_internals.get_current_module(), weight_name)
+        if existing.exists and not existing.layout.lookup:
             raise UnsupportedLayerError(
                 f"Module {_here()!r} multiplies by its weight {weight_name!r} and then looks up "
                 "rows of it (an output head tied to an embedding, called before the lookup); "

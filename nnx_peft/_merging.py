@@ -9,7 +9,7 @@ the output features for a convolution. Each adapter's :class:`LoraLayout`
 records how its weight entered the matmul, which is all the layout needs.
 
 Merging in place keeps the original weight values in an
-:class:`UnmergedWeight` next to the merged weight, so unmerging restores them
+``UnmergedWeight`` (``_variables``) next to the merged weight, so unmerging restores them
 bit for bit (also for a QLoRA base, whose merged weight is requantized).
 
 The adapter's variant folds the delta in (``Update.fold``): LoRA adds
@@ -33,29 +33,14 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from nnx_peft import _saved_modules
-from nnx_peft._adapter_state import AdapterState, adapter_state, set_adapter_state
+from nnx_peft._adapter import Adapter, adapters
+from nnx_peft._adapter_state import AdapterState
 from nnx_peft._errors import AdapterStateError, DtypeError, UnmergeableAdapterError
-from nnx_peft._injection import iter_adapters, module_paths
 from nnx_peft._interception import unwrap
 from nnx_peft._layout import LoraLayout
-from nnx_peft._parts import (
-    ADAPTER_SUFFIXES,
-    LAYOUT_SUFFIX,
-    LORA_A_SUFFIX,
-    LORA_B_SUFFIX,
-    UNMERGED_SUFFIX,
-)
 from nnx_peft._quantized import weight_value, weight_values, weight_variables
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-class UnmergedWeight(nnx.Variable[tuple[jax.Array, ...]]):
-    """A base weight's values from before ``merge_adapter``, kept for an exact unmerge.
-
-    Not an ``nnx.Param``: never trained, never counted as a parameter. It
-    exists only while the adapters are merged, as ``<weight>_lora_unmerged``.
-    """
 
 
 # The maths: the update of each kind of matmul as a delta of the weight.
@@ -157,8 +142,8 @@ def weight_delta(
     raise AssertionError(f"unknown adapter kind {layout.kind!r}")
 
 
-def check_mergeable(path: str, weight: str, layout: LoraLayout) -> None:
-    """Raises if the update of ``<path>.<weight>`` has no exact form as a weight delta.
+def check_mergeable(adapter: Adapter) -> None:
+    """Raises if the update of ``adapter`` has no exact form as a weight delta.
 
     Raises:
         UnmergeableAdapterError: The convolution is grouped (its update mixes
@@ -166,7 +151,8 @@ def check_mergeable(path: str, weight: str, layout: LoraLayout) -> None:
             the weight before its matmul (the update applies to the transform),
             or the weight is an embedding table tied to an output head.
     """
-    where = f"The adapter of {weight!r} in module {path!r}"
+    layout, weight = adapter.layout, adapter.weight
+    where = f"The adapter of {weight!r} in module {adapter.path!r}"
     if layout.feature_group_count != 1 or layout.batch_group_count != 1:
         raise UnmergeableAdapterError(
             f"{where} belongs to a grouped convolution (feature_group_count="
@@ -194,40 +180,26 @@ def check_mergeable(path: str, weight: str, layout: LoraLayout) -> None:
         )
 
 
-# Finding the adapters and their state.
-
-
-def adapted_weights(model: nnx.Module) -> list[tuple[str, nnx.Module, str]]:
-    """``(module path, module, weight name)`` of every adapted weight of ``model``."""
-    modules = module_paths(model)
-    return [
-        (info.module_path, modules[info.module_path], info.weight) for info in iter_adapters(model)
-    ]
+# The adapters' state.
 
 
 def is_merged(model: nnx.Module) -> bool:
     """Whether ``model`` has adapters and all of them are merged into the base weights."""
-    states = {adapter_state(module, weight) for _, module, weight in adapted_weights(model)}
-    return states == {AdapterState.MERGED}
+    return {adapter.state for adapter in adapters(model)} == {AdapterState.MERGED}
 
 
 def is_disabled(model: nnx.Module) -> bool:
     """Whether ``model`` is inside a ``disable_adapter()`` block (some adapter is disabled)."""
-    return any(
-        adapter_state(module, weight) is AdapterState.DISABLED
-        for _, module, weight in adapted_weights(model)
-    )
+    return any(adapter.state is AdapterState.DISABLED for adapter in adapters(model))
 
 
-def _require(
-    adapted: Sequence[tuple[str, nnx.Module, str]], allowed: Sequence[AdapterState], action: str
-) -> None:
+def _require(found: Sequence[Adapter], allowed: Sequence[AdapterState], action: str) -> None:
     """Raises :class:`AdapterStateError` unless every adapter is in an ``allowed`` state."""
-    for path, module, weight in adapted:
-        state = adapter_state(module, weight)
+    for adapter in found:
+        state = adapter.state
         if state in allowed:
             continue
-        where = f"the adapter of {weight!r} in module {path!r} is {state.value}"
+        where = f"{adapter.where} is {state.value}"
         if state is AdapterState.DISABLED:
             fix = (
                 "This happens inside a `with model.disable_adapter():` block; "
@@ -248,25 +220,21 @@ def _require(
         raise AdapterStateError(f"{action} needs every adapter {expected}, but {where}. {fix}")
 
 
-def _base_values(module: nnx.Module, weight: str) -> list[jax.Array]:
+def _base_values(adapter: Adapter) -> list[jax.Array]:
     """The values of the base weight's variables without the update, merged or not."""
-    unmerged = getattr(module, weight + UNMERGED_SUFFIX, None)
+    unmerged = adapter.unmerged
     if unmerged is not None:
         return list(unmerged.get_value())
-    return [variable.get_value() for variable in weight_variables(getattr(module, weight))]
+    return [variable.get_value() for variable in weight_variables(adapter.base)]
 
 
-def _fold(module: nnx.Module, weight: str, base: jax.Array, dtype: Any) -> jax.Array:
-    """The weight computing what the adapter of ``module.<weight>`` adds, rounded once to dtype.
+def _fold(adapter: Adapter, base: jax.Array, dtype: Any) -> jax.Array:
+    """The weight computing what ``adapter`` adds to ``base``, rounded once to dtype.
 
     ``base + scale * delta`` for LoRA; the variant of the adapter decides.
     """
-    layout: LoraLayout = getattr(module, weight + LAYOUT_SUFFIX)
+    layout = adapter.layout
     compute = jnp.promote_types(base.dtype, jnp.float32)
-
-    def value(suffix: str) -> jax.Array:
-        return getattr(module, weight + suffix).get_value().astype(compute)
-
     sub = layout.subscripts
     assert sub is not None
 
@@ -276,14 +244,14 @@ def _fold(module: nnx.Module, weight: str, base: jax.Array, dtype: Any) -> jax.A
 
     if layout.layer_axis is not None:  # a scanned stack: the layout describes one layer
         fold = jax.vmap(fold, in_axes=layout.layer_axis, out_axes=layout.layer_axis)
-    extras = {suffix: value(suffix) for suffix in layout.update.extra_suffixes}
-    merged = fold(base.astype(compute), value(LORA_A_SUFFIX), value(LORA_B_SUFFIX), extras)
-    return merged.astype(dtype)
+    extras = {suffix: value.astype(compute) for suffix, value in adapter.extras().items()}
+    a, b = (factor.get_value().astype(compute) for factor in (adapter.a, adapter.b))
+    return fold(base.astype(compute), a, b, extras).astype(dtype)
 
 
-def _check_all_mergeable(adapted: Sequence[tuple[str, nnx.Module, str]]) -> None:
-    for path, module, weight in adapted:
-        check_mergeable(path, weight, getattr(module, weight + LAYOUT_SUFFIX))
+def _check_all_mergeable(found: Sequence[Adapter]) -> None:
+    for adapter in found:
+        check_mergeable(adapter)
 
 
 def _float_dtype(dtype: Any) -> np.dtype[Any] | None:
@@ -326,18 +294,16 @@ def merge_and_unload(model: nnx.Module, *, dtype: Any = None) -> nnx.Module:
         AdapterStateError: Called inside ``disable_adapter()``.
     """
     resolved = _float_dtype(dtype)
-    adapted = adapted_weights(model)
-    _check_all_mergeable(adapted)
-    _require(adapted, (AdapterState.ACTIVE, AdapterState.MERGED), "merge_and_unload()")
+    found = adapters(model)
+    _check_all_mergeable(found)
+    _require(found, (AdapterState.ACTIVE, AdapterState.MERGED), "merge_and_unload()")
     plain = nnx.clone(model)
-    for _, module, weight in adapted_weights(plain):
-        stored = getattr(module, weight)
-        base = weight_value(stored, _base_values(module, weight))
-        merged = _fold(module, weight, base, base.dtype if resolved is None else resolved)
-        setattr(module, weight, weight_variables(stored)[0].replace(merged))
-        for suffix in (*ADAPTER_SUFFIXES, UNMERGED_SUFFIX):
-            if weight + suffix in vars(module):
-                delattr(module, weight + suffix)
+    for adapter in adapters(plain):
+        stored = adapter.base
+        base = weight_value(stored, _base_values(adapter))
+        merged = _fold(adapter, base, base.dtype if resolved is None else resolved)
+        setattr(adapter.module, adapter.weight, weight_variables(stored)[0].replace(merged))
+        adapter.remove()
     _saved_modules.unmark(plain)
     unwrap(plain)
     return plain
@@ -354,20 +320,20 @@ def merge_adapter(model: nnx.Module) -> None:
         AdapterStateError: The adapters are already merged, or disabled.
         UnmergeableAdapterError: An update cannot be folded exactly.
     """
-    adapted = adapted_weights(model)
-    _require(adapted, (AdapterState.ACTIVE,), "merge_adapter()")
-    _check_all_mergeable(adapted)
+    found = adapters(model)
+    _require(found, (AdapterState.ACTIVE,), "merge_adapter()")
+    _check_all_mergeable(found)
     merges = []
-    for _, module, weight in adapted:  # compute all before changing any
-        stored = getattr(module, weight)
-        originals = _base_values(module, weight)
+    for adapter in found:  # compute all before changing any
+        stored = adapter.base
+        originals = _base_values(adapter)
         base = weight_value(stored, originals)
-        merges.append((originals, weight_values(stored, _fold(module, weight, base, base.dtype))))
-    for (_, module, weight), (originals, merged) in zip(adapted, merges, strict=True):
-        for variable, value in zip(weight_variables(getattr(module, weight)), merged, strict=True):
+        merges.append((originals, weight_values(stored, _fold(adapter, base, base.dtype))))
+    for adapter, (originals, merged) in zip(found, merges, strict=True):
+        for variable, value in zip(weight_variables(adapter.base), merged, strict=True):
             variable.set_value(value)
-        setattr(module, weight + UNMERGED_SUFFIX, UnmergedWeight(tuple(originals)))
-        set_adapter_state(module, weight, AdapterState.MERGED)
+        adapter.keep_unmerged(originals)
+        adapter.set_state(AdapterState.MERGED)
 
 
 def unmerge_adapter(model: nnx.Module) -> None:
@@ -376,16 +342,16 @@ def unmerge_adapter(model: nnx.Module) -> None:
     Raises:
         AdapterStateError: The adapters are not merged, or disabled.
     """
-    adapted = adapted_weights(model)
-    _require(adapted, (AdapterState.MERGED,), "unmerge_adapter()")
-    for _, module, weight in adapted:
-        originals = getattr(module, weight + UNMERGED_SUFFIX).get_value()
-        for variable, value in zip(
-            weight_variables(getattr(module, weight)), originals, strict=True
-        ):
+    found = adapters(model)
+    _require(found, (AdapterState.MERGED,), "unmerge_adapter()")
+    for adapter in found:
+        unmerged = adapter.unmerged
+        assert unmerged is not None
+        originals = unmerged.get_value()
+        for variable, value in zip(weight_variables(adapter.base), originals, strict=True):
             variable.set_value(value)
-        delattr(module, weight + UNMERGED_SUFFIX)
-        set_adapter_state(module, weight, AdapterState.ACTIVE)
+        adapter.drop_unmerged()
+        adapter.set_state(AdapterState.ACTIVE)
 
 
 @contextlib.contextmanager
@@ -399,15 +365,15 @@ def disable_adapter(model: nnx.Module) -> Iterator[None]:
     was_merged = is_merged(model)
     if was_merged:
         unmerge_adapter(model)
-    adapted = adapted_weights(model)
-    previous = [adapter_state(module, weight) for _, module, weight in adapted]
-    for _, module, weight in adapted:
-        set_adapter_state(module, weight, AdapterState.DISABLED)
+    found = adapters(model)
+    previous = [adapter.state for adapter in found]
+    for adapter in found:
+        adapter.set_state(AdapterState.DISABLED)
     try:
         with _saved_modules.originals(model):
             yield
     finally:
-        for (_, module, weight), state in zip(adapted, previous, strict=True):
-            set_adapter_state(module, weight, state)
+        for adapter, state in zip(found, previous, strict=True):
+            adapter.set_state(state)
         if was_merged:
             merge_adapter(model)

@@ -1,9 +1,11 @@
-"""What an adapter is: the attributes it adds to a module, next to the weight it adapts.
+"""The names of an adapter's parts: the attributes it adds to a module, next to its weight.
 
 The adapter of a weight ``w`` is stored as attributes of the module holding ``w``, named
 ``w`` plus a suffix. Qwix chose the layout (its providers read ``<weight>_lora_a`` and
 ``<weight>_lora_b``), and state paths, checkpoints, sharding rules and the Hugging Face
-mapping all name these attributes; this module is the one place that says what they are.
+mapping all name these attributes; this module is the one place that names them, and
+:class:`nnx_peft._adapter.Adapter` the one object through which the rest of nnx_peft reads
+them.
 
 =================  =======================  ==================================================
 part               attribute                what it holds

@@ -21,6 +21,7 @@ from nnx_peft import (
     _safetensors,
     _sharding,
 )
+from nnx_peft._adapter import AdapterInfo
 from nnx_peft._config import LoraConfig
 from nnx_peft._errors import (
     AlreadyWrappedError,
@@ -30,7 +31,7 @@ from nnx_peft._errors import (
     RngsError,
     SampleInputsError,
 )
-from nnx_peft._injection import AdapterInfo, inject, iter_adapters, sample_keywords
+from nnx_peft._injection import inject, iter_adapters, sample_keywords
 from nnx_peft._interception import is_qwix_wrapped
 from nnx_peft._summary import ParameterSummary, summarize
 from nnx_peft._variables import AdapterParam

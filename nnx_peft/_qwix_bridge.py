@@ -42,11 +42,11 @@ from nnx_peft import (
     _stacked_adapters,
     _stacks,
 )
+from nnx_peft._adapter import Adapter
 from nnx_peft._errors import QuantizationError, UnsupportedLayerError
 from nnx_peft._factors import Subscripts
 from nnx_peft._layout import CallRecord, LoraLayout
 from nnx_peft._lookups import Lookups
-from nnx_peft._parts import LORA_A_SUFFIX
 from nnx_peft._products import FactorShapes
 from nnx_peft._quantized import QuantizedWeight
 from nnx_peft._qwix_internals import (
@@ -207,7 +207,7 @@ class PeftLoraProvider(RawProducts, Lookups, qwix.PtqProvider):
         a transformed copy of a module): either way its update is zero for this call."""
         module = get_current_module()
         args = (name, rule, spec, shapes, layout, sub, operand)
-        if getattr(module, name + LORA_A_SUFFIX, None) is not None:  # every call but the first
+        if Adapter("", module, name).exists:  # every call but the first
             return _adapter_ops.adapter(*args)
         owner = self._owner()
         if owner is not None:

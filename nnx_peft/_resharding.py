@@ -17,9 +17,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from nnx_peft import _saved_modules
+from nnx_peft._adapter import adapters
 from nnx_peft._errors import ShardingError
-from nnx_peft._injection import iter_adapters, module_paths
-from nnx_peft._parts import LAYOUT_SUFFIX, LORA_A_SUFFIX, LORA_B_SUFFIX, MAGNITUDE_SUFFIX
+from nnx_peft._parts import LORA_A_SUFFIX, LORA_B_SUFFIX, MAGNITUDE_SUFFIX
 from nnx_peft._sharding import Entry, Rules, entry_names, joined_entry
 
 
@@ -164,11 +164,11 @@ def shard_adapters(model: nnx.Module, rules: Rules) -> None:
             an adapter it selects. Nothing is moved then.
     """
     checked = checked_rules(rules)
-    modules = module_paths(model)
     planned: list[tuple[nnx.Variable[Any], NamedSharding, tuple[Entry, ...]]] = []
     used: set[str] = set()
     adapted: list[str] = []
-    for info in iter_adapters(model):
+    for adapter in adapters(model):
+        info = adapter.info()
         adapted.append(info.module_path)
         pattern = next((p for p in checked if re.fullmatch(p, info.module_path)), None)
         if pattern is None:
@@ -181,15 +181,15 @@ def shard_adapters(model: nnx.Module, rules: Rules) -> None:
                 f"{info.module_path!r}; give it (A spec, B spec) instead."
             )
         used.add(pattern)
-        module = modules[info.module_path]
         a_entries, b_entries, m_entries = rule
         for suffix, entries in ((LORA_A_SUFFIX, a_entries), (LORA_B_SUFFIX, b_entries)):
             assert entries is not None
-            variable = getattr(module, info.weight + suffix)
-            name = "/".join(p for p in (info.module_path, info.weight + suffix) if p)
+            variable: nnx.Variable[Any] = adapter.trained()[suffix]
+            name = "/".join(p for p in (info.module_path, adapter.name(suffix)) if p)
             planned.append((variable, *_fit(variable.get_value(), entries, name, pattern)))
-        name = "/".join(p for p in (info.module_path, info.weight + MAGNITUDE_SUFFIX) if p)
-        if info.magnitude_shape is None:
+        name = "/".join(p for p in (info.module_path, adapter.name(MAGNITUDE_SUFFIX)) if p)
+        magnitude = adapter.magnitude
+        if magnitude is None or info.magnitude_shape is None:
             if m_entries is not None:
                 raise ShardingError(
                     f"shard_adapters rule {pattern!r} gives a magnitude spec, but the adapter of "
@@ -198,7 +198,7 @@ def shard_adapters(model: nnx.Module, rules: Rules) -> None:
             continue
         if m_entries is None:
             assert b_entries is not None
-            layout = getattr(module, info.weight + LAYOUT_SUFFIX)
+            layout = adapter.layout
             rank_axis = len(layout.batch) if layout.kind == "dot_general" else 0
             m_entries = _magnitude_entries(b_entries, info.b_shape, rank_axis, info.magnitude_shape)
             if m_entries is None:
@@ -208,8 +208,7 @@ def shard_adapters(model: nnx.Module, rules: Rules) -> None:
                     f"{info.magnitude_shape}) does not follow B's axes {info.b_shape}; give its "
                     "spec as a third element: (A spec, B spec, magnitude spec)."
                 )
-        variable = getattr(module, info.weight + MAGNITUDE_SUFFIX)
-        planned.append((variable, *_fit(variable.get_value(), m_entries, name, pattern)))
+        planned.append((magnitude, *_fit(magnitude.get_value(), m_entries, name, pattern)))
     saved = _saved_modules.state(model)
     roots = sorted({root for root, _ in _saved_modules.roots(model)})
     for root in roots:

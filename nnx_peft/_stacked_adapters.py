@@ -16,19 +16,16 @@ import qwix
 from flax import nnx
 
 from nnx_peft import _adapter_ops, _qwix_internals, _sharding, _stacks
+from nnx_peft._adapter import Adapter
 from nnx_peft._factors import Subscripts
 from nnx_peft._layout import LoraLayout
 from nnx_peft._parts import (
-    DROPOUT_SUFFIX,
-    INITIAL_A_SUFFIX,
-    INITIAL_B_SUFFIX,
-    LAYOUT_SUFFIX,
     LORA_A_SUFFIX,
     LORA_B_SUFFIX,
 )
 from nnx_peft._products import FactorShapes
 from nnx_peft._qwix_internals import QWIX_PATH
-from nnx_peft._variables import AdapterParam, InitialFactor
+from nnx_peft._variables import AdapterParam
 from nnx_peft._variants import AdapterSpec, check_supported
 
 
@@ -44,22 +41,20 @@ def create_stacked(pending: _stacks.Pending, rngs: nnx.Rngs | None) -> None:
     values = {LORA_A_SUFFIX: made.a, LORA_B_SUFFIX: made.b, **made.extras}
     groups = {LORA_A_SUFFIX: made.groups["a"], LORA_B_SUFFIX: made.groups["b"]}
     groups.update({suffix: made.groups[suffix] for suffix in made.extras})
+    adapter = Adapter(pending.path, module, name)
     with _sharding.mesh_of(sharding):
         for suffix, value in values.items():
             placed = _sharding.adapter_value(value, param, sharding, groups[suffix])
-            setattr(module, name + suffix, jax.tree.map(AdapterParam, placed))
-    setattr(
-        module, name + LAYOUT_SUFFIX, dataclasses.replace(pending.layout, layer_axis=pending.axis)
-    )
+            setattr(module, adapter.name(suffix), jax.tree.map(AdapterParam, placed))
+    adapter.set_layout(dataclasses.replace(pending.layout, layer_axis=pending.axis))
     if pending.dropout:
-        setattr(module, name + DROPOUT_SUFFIX, _stacks.stacked_dropout(pending, stored, rngs))
+        adapter.set_dropout(_stacks.stacked_dropout(pending, stored, rngs))
     if made.residual is not None:
         residual = made.residual
         if not isinstance(stored, jax.core.Tracer):
             residual = jax.device_put(residual, stored.sharding)
         param.set_value(residual)  # in the wrapper's clone only
-        setattr(module, name + INITIAL_A_SUFFIX, InitialFactor(made.a))
-        setattr(module, name + INITIAL_B_SUFFIX, InitialFactor(made.b))
+        adapter.set_initial(made.a, made.b)
 
 
 def pending_adapter(

@@ -8,8 +8,9 @@ import jax
 from flax import nnx
 
 from nnx_peft import _saved_modules
+from nnx_peft._adapter import AdapterInfo
 from nnx_peft._config import LoraConfig
-from nnx_peft._injection import AdapterInfo, iter_adapters, matching_pattern
+from nnx_peft._injection import iter_adapters, matching_pattern
 
 
 @dataclasses.dataclass(frozen=True)

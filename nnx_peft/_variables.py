@@ -41,3 +41,11 @@ class InitialFactor(nnx.Variable[jax.Array]):
     ``nnx.Param``: never trained, and not saved (it is recomputed from the base
     weights when a checkpoint is loaded).
     """
+
+
+class UnmergedWeight(nnx.Variable[tuple[jax.Array, ...]]):
+    """A base weight's values from before ``merge_adapter``, kept for an exact unmerge.
+
+    Not an ``nnx.Param``: never trained, never counted as a parameter. It
+    exists only while the adapters are merged, as ``<weight>_lora_unmerged``.
+    """

@@ -87,3 +87,57 @@ def test_the_configuration_does_not_pull_in_variant_maths() -> None:
             below_config.add(dep)
             pending.append(dep)
     assert below_config.isdisjoint({"_variants", "_qwix_bridge", "_injection", "_delta"})
+
+
+#: The modules that may name an adapter's parts by their attribute suffix: the names
+#: themselves, the adapter concept, the code that creates adapters inside Qwix's
+#: interception (Qwix's ``get_or_create_param`` takes the attribute name), DoRA's variant
+#: (which names its one extra trained part), and ``shard_adapters`` (whose error messages
+#: name each part's state path). Everything else reads an ``_adapter.Adapter``.
+PART_NAMERS = {
+    "_parts",
+    "_adapter",
+    "_adapter_ops",
+    "_stacked_adapters",
+    "_variants",
+    "_resharding",
+}
+
+
+def _names_of_parts(tree: ast.Module) -> set[str]:
+    """The part-name constants of ``_parts`` that ``tree`` imports or uses."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("_parts"):
+            names.update(alias.name for alias in node.names if "SUFFIX" in alias.name)
+        elif (
+            isinstance(node, ast.Attribute)
+            and "SUFFIX" in node.attr
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "_parts"
+        ):
+            names.add(node.attr)
+    return names
+
+
+def test_only_the_adapter_concept_names_an_adapters_parts() -> None:
+    tree = ast.parse("from nnx_peft._parts import LORA_A_SUFFIX\nx = _parts.STATE_SUFFIX\n")
+    assert _names_of_parts(tree) == {"LORA_A_SUFFIX", "STATE_SUFFIX"}
+    naming = {
+        path.stem
+        for path in PACKAGE.glob("*.py")
+        if path.stem not in PART_NAMERS and _names_of_parts(ast.parse(path.read_text()))
+    }
+    assert not naming, (
+        f"{sorted(naming)} name adapter parts by attribute suffix; read them through "
+        "nnx_peft._adapter.Adapter (its properties a, b, layout, state, ...) instead"
+    )
+    # Nor does any module spell a part's suffix out as a string.
+    for path in PACKAGE.glob("*.py"):
+        if path.stem in {"_parts", "_qwix_internals"}:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                assert not (node.value.startswith("_lora_") and " " not in node.value), (
+                    f"{path.name} spells the part suffix {node.value!r}; import it from _parts"
+                )
