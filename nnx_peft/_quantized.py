@@ -49,6 +49,14 @@ def dtype_and_boxed(param: Any) -> tuple[Any, Any]:
     return _qwix_internals.unbox(param).dtype, param
 
 
+def float_weight(param: Any) -> jax.Array:
+    """The floating-point array a product uses for ``param``: a QLoRA weight dequantized."""
+    if isinstance(param, QuantizedWeight):
+        unboxed = jax.tree.map(_qwix_internals.unbox, param, is_leaf=_is_variable)
+        return qwix.dequantize(unboxed.array)
+    return _qwix_internals.unbox(param)
+
+
 def _is_variable(x: Any) -> bool:
     return isinstance(x, nnx.Variable)
 

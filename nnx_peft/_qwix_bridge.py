@@ -14,7 +14,8 @@ Qwix's own PTQ path) whose products add a low-rank update. What it replaces in
 - the update is two matrix products over merged axes (``_delta``), cheaper to differentiate;
 - raw products (``x @ w``, ``jnp.matmul``, ...: ``_raw_products``), embedding lookups
   (``_lookups``) and a QLoRA weight cast before use (``_quantized``) are intercepted too;
-- QLoRA with a tile size not dividing a weight, on a convolution or in a transform is refused;
+- QLoRA with a tile size not dividing a weight, or on a convolution, is refused; a layer of
+  a stack is quantized after the sample call, all layers at once (``_stacked_adapters``);
 - a recording provider lists the sample call's products and output sizes, and a dry run
   looks weights up as an eager call does (``'all-linear'``, ``inspect_targets``).
 
@@ -23,6 +24,7 @@ The Qwix internals this needs are all in ``_qwix_internals``.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -50,7 +52,6 @@ from nnx_peft._lookups import Lookups
 from nnx_peft._products import FactorShapes
 from nnx_peft._quantized import QuantizedWeight
 from nnx_peft._qwix_internals import (
-    DISABLE_QUANT_STATS_UPDATE,
     QWIX_PATH,
     QWIX_RNGS,
     current_rule,
@@ -94,6 +95,9 @@ class PeftLoraProvider(RawProducts, Lookups, qwix.PtqProvider):
         self._root: weakref.ref[nnx.Module] | None = None
         self._modules: dict[Any, nnx.Module] | None = None
         self._pending: dict[tuple[str, str], _stacks.Pending] = {}
+        # QLoRA weights of transformed copies (layers of a stack), quantized after the
+        # sample call: how Qwix quantizes one layer, by (module path, weight name).
+        self._quantize_later: dict[tuple[str, str], Any] = {}
         self._rngs: nnx.Rngs | None = None
 
     def process_model_inputs(
@@ -123,7 +127,7 @@ class PeftLoraProvider(RawProducts, Lookups, qwix.PtqProvider):
         if self._pending:
             root = self._root() if self._root is not None else None
             _stacked_adapters.create_pending(list(self._pending.values()), root, self._rngs)
-            self._pending = {}
+            self._pending, self._quantize_later = {}, {}
         return super().process_model_output(method_name, model_output)
 
     def note_reached(self, paths: set[Any]) -> None:
@@ -168,20 +172,15 @@ class PeftLoraProvider(RawProducts, Lookups, qwix.PtqProvider):
             return None
         return rule if isinstance(rule, qwix.LoraRule) else None
 
-    def _check_copy(self, op_name: str) -> None:
-        """Refuses QLoRA on a module that a transform (a scan over layers) copies."""
+    def _quantizes_later(self, op_name: str, rhs: Any, how: Callable[..., Any]) -> bool:
+        """Whether a QLoRA weight's product in a layer of a stack runs unquantized in the
+        sample call, its stack quantized after it (``_stacked_adapters.quantizes_later``)."""
         rule = self._targeted_here(op_name)
-        if rule is None or rule.weight_qtype is None:
-            return
-        module = get_current_module()
-        if getattr(module, DISABLE_QUANT_STATS_UPDATE, False) and self._owner() is not None:
-            raise QuantizationError(
-                f"Module {_here()!r} runs inside a transform (a scan over layers, nnx.vmap or "
-                f"nnx.remat) and LoraConfig.weight_qtype={rule.weight_qtype!r}; QLoRA cannot "
-                "quantize weights inside a transform, where the stored weight is a traced "
-                "copy. Use weight_qtype=None, or exclude the stacked modules with "
-                "LoraConfig.exclude."
-            )
+        later = self._quantize_later
+        if not _stacked_adapters.quantizes_later(rule, rhs, how, self._owner, later, self._dry_run):
+            return False
+        current_rule(self, op_name)  # counts the call, as Qwix's own product would
+        return True
 
     def _check_tiling(self, op_name: str, rhs: Any, how: Callable[..., Any]) -> None:
         """Refuses a QLoRA tile size that does not divide the tiled axis of the weight ``rhs``."""
@@ -211,7 +210,10 @@ class PeftLoraProvider(RawProducts, Lookups, qwix.PtqProvider):
             return _adapter_ops.adapter(*args)
         owner = self._owner()
         if owner is not None:
-            later = _stacked_adapters.pending_adapter(owner, name, rule, spec, shapes, layout, sub)
+            quantize = self._quantize_later.get((_here(), name))
+            later = _stacked_adapters.pending_adapter(
+                owner, name, rule, spec, shapes, layout, sub, quantize
+            )
             self._pending[(later.path, name)] = later
             return None
         try:
@@ -248,15 +250,14 @@ class PeftLoraProvider(RawProducts, Lookups, qwix.PtqProvider):
         out_sharding: Any = None,
     ) -> jax.Array:
         """``jax.lax.dot_general`` plus the low-rank update of the weight operand."""
-        self._check_copy("dot_general")
-        self._check_tiling(
-            "dot_general",
-            rhs,
-            lambda **kw: _qwix_internals.dot_general_how_to_quantize(
-                dimension_numbers=dimension_numbers, ndims=(lhs.ndim, rhs.ndim), **kw
-            ),
+        how = functools.partial(
+            _qwix_internals.dot_general_how_to_quantize,
+            dimension_numbers=dimension_numbers,
+            ndims=(lhs.ndim, rhs.ndim),
         )
-        res = super().dot_general(
+        self._check_tiling("dot_general", rhs, how)
+        product = jax.lax.dot_general if self._quantizes_later("dot_general", rhs, how) else None
+        res = (product or super().dot_general)(
             lhs,
             rhs,
             dimension_numbers,
@@ -287,17 +288,17 @@ class PeftLoraProvider(RawProducts, Lookups, qwix.PtqProvider):
 
     def einsum(self, einsum_str: str, *operands: Any, **kwargs: Any) -> jax.Array:
         """``jnp.einsum`` plus the low-rank update of the weight operand."""
-        self._check_copy("einsum")
+        later = False
         if len(operands) == 2:
             lhs, rhs = operands
-            self._check_tiling(
-                "einsum",
-                rhs,
-                lambda **kw: _qwix_internals.einsum_how_to_quantize(
-                    einsum_str=einsum_str, ndims=(lhs.ndim, rhs.ndim), **kw
-                ),
+            how = functools.partial(
+                _qwix_internals.einsum_how_to_quantize,
+                einsum_str=einsum_str,
+                ndims=(lhs.ndim, rhs.ndim),
             )
-        res = super().einsum(einsum_str, *operands, **kwargs)
+            self._check_tiling("einsum", rhs, how)
+            later = self._quantizes_later("einsum", rhs, how)
+        res = (jax.numpy.einsum if later else super().einsum)(einsum_str, *operands, **kwargs)
         if len(operands) == 2:
             self.mark_tied_elsewhere(operands[1])
         rule = self._rule("einsum")

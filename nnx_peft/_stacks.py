@@ -215,6 +215,9 @@ class Pending:
         b_groups: The same for B.
         layout: One layer's layout (its scale, variant and subscripts set).
         dropout: The adapter's dropout rate.
+        quantize: For QLoRA, how Qwix quantizes one layer's weight (a
+            ``HowToQuantize``): the stacked weight is quantized so before
+            the adapter is made (see :func:`stacked_how`). ``None`` otherwise.
     """
 
     module: nnx.Module
@@ -229,6 +232,7 @@ class Pending:
     b_groups: _sharding.Groups
     layout: LoraLayout
     dropout: float = 0.0
+    quantize: Any = None
 
     @property
     def axis(self) -> int | None:
@@ -272,7 +276,8 @@ def stacked_values(pending: Pending, weight: jax.Array, rngs: nnx.Rngs) -> Stack
     axis, spec, sub = pending.axis, pending.spec, pending.layout.subscripts
     assert sub is not None
     where = f"the weight {pending.name!r} of module {pending.path!r}"
-    dtype = weight.dtype
+    dtype = spec.dtype or weight.dtype  # LoraConfig.adapter_dtype, as for a weight not stacked
+    extra_dtype = jnp.promote_types(dtype, jnp.float32)  # a DoRA magnitude: float32 at least
     extra_groups: dict[str, tuple[int, ...]] = {}
 
     def one_layer(key_a: jax.Array, key_b: jax.Array, w: jax.Array) -> Any:
@@ -290,7 +295,7 @@ def stacked_values(pending: Pending, weight: jax.Array, rngs: nnx.Rngs) -> Stack
         used = w if start.residual is None else start.residual.astype(w.dtype)
         extras = spec.update.extra_params(sub, used, a, b, spec.scale)
         extra_groups.update({suffix: groups for suffix, (_, groups) in extras.items()})
-        values = {suffix: value.astype(dtype) for suffix, (value, _) in extras.items()}
+        values = {suffix: value.astype(extra_dtype) for suffix, (value, _) in extras.items()}
         return a, b, start.residual, values
 
     key_a, key_b = rngs.params(), rngs.params()
@@ -319,6 +324,26 @@ def stacked_values(pending: Pending, weight: jax.Array, rngs: nnx.Rngs) -> Stack
     groups = {"a": stacked(pending.a_groups), "b": stacked(pending.b_groups)}
     groups.update({suffix: stacked(g) for suffix, g in extra_groups.items()})
     return Stacked(a=a, b=b, extras=extras, residual=residual, groups=groups)
+
+
+def stacked_how(how: Any, axis: int | None) -> Any:
+    """How to quantize a stack so that each layer is quantized as ``how`` quantizes one layer.
+
+    The layer axis becomes a channel axis (each layer its own scales: no tile crosses
+    it) and every other axis of ``how`` moves past it. ``None`` (a transform that does
+    not slice) keeps ``how``.
+    """
+    if axis is None:
+        return how
+
+    def shift(a: int) -> int:
+        return a + 1 if a >= axis else a
+
+    return dataclasses.replace(
+        how,
+        channelwise_axes=(axis, *(shift(a) for a in how.channelwise_axes)),
+        tiled_axes={shift(a): tile for a, tile in how.tiled_axes.items()},
+    )
 
 
 def stacked_dropout(pending: Pending, weight: jax.Array, rngs: nnx.Rngs) -> nnx.Dropout:

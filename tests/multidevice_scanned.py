@@ -5,11 +5,14 @@ subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``. The toy 
 with ``scan_layers=True`` and ``mesh_axes=('fsdp', 'tp')`` is built and wrapped on a
 (2, 4) mesh. Reported: every adapter's actual spec and metadata spec; the losses of two
 sharded training steps and of the same steps without a mesh; a ``shard_adapters``
-override; and a checkpoint saved on that mesh and restored on a (4, 2) mesh.
+override; a checkpoint saved on that mesh and restored on a (4, 2) mesh; and, for QLoRA
+(nf4) on the same stacks, the quantized weights' specs and two steps' losses with and
+without the mesh.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import tempfile
@@ -25,9 +28,11 @@ from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 import nnx_peft
+from nnx_peft._quantized import QuantizedWeight, weight_variables
 from nnx_peft.toy import DecoderConfig, TinyDecoder, next_token_loss
 
 CONFIG = nnx_peft.LoraConfig(rank=2, alpha=4.0, target=r".*(q_proj|o_proj|up_proj|down_proj)")
+QLORA = dataclasses.replace(CONFIG, weight_qtype="nf4")
 TOKENS = np.arange(32, dtype=np.int32).reshape(4, 8) % 16
 
 
@@ -49,13 +54,24 @@ def mesh(shape: tuple[int, int]) -> jax.sharding.Mesh:
     return jax.make_mesh(shape, ("fsdp", "tp"), axis_types=(AxisType.Auto,) * 2)
 
 
-def wrapped(m: jax.sharding.Mesh | None, seed: int = 1) -> nnx_peft.PeftModel:
+def wrapped(
+    m: jax.sharding.Mesh | None, seed: int = 1, config: nnx_peft.LoraConfig = CONFIG
+) -> nnx_peft.PeftModel:
     if m is None:
         base = TinyDecoder(cfg(None), rngs=nnx.Rngs(0))
-        return nnx_peft.PeftModel(base, CONFIG, TOKENS[:1], rngs=nnx.Rngs(seed))
+        return nnx_peft.PeftModel(base, config, TOKENS[:1], rngs=nnx.Rngs(seed))
     with jax.set_mesh(m):
         base = TinyDecoder(cfg(("fsdp", "tp")), rngs=nnx.Rngs(0))
-        return nnx_peft.PeftModel(base, CONFIG, TOKENS[:1], rngs=nnx.Rngs(seed))
+        return nnx_peft.PeftModel(base, config, TOKENS[:1], rngs=nnx.Rngs(seed))
+
+
+def quantized(model: nnx_peft.PeftModel) -> dict[str, Any]:
+    """The spec of the quantized values of every QLoRA weight, by module path."""
+    return {
+        "/".join(map(str, path)): spec(weight_variables(module.kernel)[0].get_value())
+        for path, module in nnx.iter_modules(model.model)
+        if isinstance(getattr(module, "kernel", None), QuantizedWeight)
+    }
 
 
 def spec(x: Any) -> list[Any]:
@@ -112,6 +128,11 @@ def main() -> None:
         with jax.set_mesh(target):
             out["restored_max_diff"] = float(np.max(np.abs(np.asarray(restored(TOKENS)) - logits)))
         out["restored_adapters"] = adapters(restored)
+    qlora = wrapped(source, config=QLORA)
+    out["qlora_weights"] = quantized(qlora)
+    with jax.set_mesh(source):
+        out["qlora_losses"] = train(qlora)
+    out["qlora_reference_losses"] = train(wrapped(None, config=QLORA))
     model.shard_adapters({r"layers/attn/q_proj": (P(None, None, None), P(None, None, None, "tp"))})
     out["override"] = {k: v for k, v in adapters(model).items() if "q_proj" in k}
     Path(sys.argv[1]).write_text(json.dumps(out))

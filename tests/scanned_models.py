@@ -169,9 +169,20 @@ class Unrolled(nnx.Module):
 
 
 def layer_of(stacked: nnx.Module, index: int, axis: int) -> nnx.Module:
-    """Layer ``index`` of a stacked module, as a module of its own (values copied)."""
+    """Layer ``index`` of a stacked module, as a module of its own (values copied).
+
+    Axis names lose the stack's ``'layers'``, as those of an unscanned model have none.
+    """
     graphdef, state = nnx.split(stacked)
-    sliced = jax.tree.map(lambda v: jnp.take(v, index, axis=axis), state)
+
+    def one_layer(variable: nnx.Variable[Any]) -> nnx.Variable[Any]:
+        value = jnp.take(variable.get_value(), index, axis=axis)
+        names = _names(variable)
+        if names is None:
+            return variable.replace(value)
+        return variable.replace(value, out_sharding=tuple(n for n in names if n != "layers"))
+
+    sliced = jax.tree.map(one_layer, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
     return nnx.merge(graphdef, sliced)
 
 

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 import nnx_peft
 from nnx_peft import _sharding
 from nnx_peft._paths import module_paths
+from nnx_peft._quantized import QuantizedWeight, weight_variables
 from tests.scanned_models import KINDS, FlaxStack, LaxStack, unrolled
 
 D, F = 8, 16
@@ -505,10 +506,103 @@ def test_layer_axis_told_by_the_other_modules_of_the_stack() -> None:
         )
 
 
-def test_qlora_on_stacks_is_refused() -> None:
-    base = make("flax", 3)
-    with pytest.raises(nnx_peft.QuantizationError, match=r"blocks/wi.*transform"):
-        wrap(base, nnx_peft.LoraConfig(rank=2, alpha=4.0, target=r".*(wi|wo)", weight_qtype="int8"))
+def _quantized_arrays(module: nnx.Module, name: str) -> list[np.ndarray]:
+    """The arrays of a QLoRA weight (quantized values, scales), on the host."""
+    stored = getattr(module, name)
+    assert isinstance(stored, QuantizedWeight), type(stored)
+    return [np.asarray(v.get_value()) for v in weight_variables(stored)]
+
+
+def _rounded_alike(actual: np.ndarray, desired: np.ndarray) -> None:
+    np.testing.assert_allclose(actual, desired, rtol=1e-6, atol=1e-6)
+
+
+QLORA = [("int8", None), ("nf4", None), ("nf4", 4), ("int4", 8)]
+
+
+@given(
+    depth=st.integers(2, 4),
+    style_axis=st.sampled_from(STYLES),
+    kind=st.sampled_from(KINDS),
+    remat=st.booleans(),
+    quantization=st.sampled_from(QLORA),
+    use_dora=st.booleans(),
+)
+def test_qlora_on_stacks_quantizes_each_layer_as_unrolled(
+    depth: int,
+    style_axis: tuple[str, int],
+    kind: str,
+    remat: bool,
+    quantization: tuple[str, int | None],
+    use_dora: bool,
+) -> None:
+    """QLoRA on a stack: each layer quantized exactly as Qwix quantizes it unrolled (tiles
+    never cross the layer axis); the adapted stack computes what the unrolled QLoRA model
+    does, bit for bit; merging requantizes per layer; unmerging and disabling are exact."""
+    style, axis = style_axis
+    qtype, tile = quantization
+    base = make(style, depth, kind=kind, axis=axis, remat=remat)
+    config = nnx_peft.LoraConfig(
+        rank=2,
+        alpha=4.0,
+        target=r".*(wi|wo)",
+        weight_qtype=qtype,
+        tile_size=tile,
+        use_dora=use_dora,
+    )
+    peft = wrap(base, config)
+    twin = unrolled_twin(peft, base, depth)
+    stack = "blocks" if style == "flax" else "layers"
+    ours, theirs = module_paths(peft.model), module_paths(twin.model)
+    for layer in ("wi", "wo"):
+        stacked = _quantized_arrays(ours[f"{stack}/{layer}"], "kernel")
+        for i in range(depth):
+            single = _quantized_arrays(theirs[f"blocks/{i}/{layer}"], "kernel")
+            for whole, part in zip(stacked, single, strict=True):
+                np.testing.assert_array_equal(np.take(whole, i, axis=axis), part)
+    # DoRA divides by each layer's norm, which a scan body and an unrolled layer round
+    # differently (XLA fuses them apart): equal to float32 rounding then, bitwise otherwise.
+    same = _rounded_alike if use_dora else np.testing.assert_array_equal
+    with peft.disable_adapter(), twin.disable_adapter():
+        quantized_base = np.asarray(peft(X))
+        np.testing.assert_array_equal(quantized_base, np.asarray(twin(X)))
+    same(np.asarray(peft(X)), quantized_base)  # a fresh adapter adds nothing
+
+    randomize_b(peft, seed=depth)
+    twin = unrolled_twin(peft, base, depth)
+    adapted = peft(X)
+    same(np.asarray(adapted), np.asarray(twin(X)))
+    np.testing.assert_allclose(peft.merge_and_unload()(X), adapted, rtol=1e-4, atol=1e-4)
+
+    before = jax.tree.map(np.asarray, nnx.state(peft.model))
+    peft.merge_adapter()
+    twin.merge_adapter()
+    np.testing.assert_allclose(peft(X), twin(X), rtol=1e-5, atol=1e-5)
+    peft.unmerge_adapter()
+    jax.tree.map(
+        np.testing.assert_array_equal, before, jax.tree.map(np.asarray, nnx.state(peft.model))
+    )
+    with peft.disable_adapter():
+        np.testing.assert_array_equal(np.asarray(peft(X)), quantized_base)
+    np.testing.assert_array_equal(np.asarray(peft(X)), np.asarray(adapted))
+
+
+def test_qlora_on_stacks_trains_and_round_trips(tmp_path: Path) -> None:
+    """A QLoRA stack trains its adapters only, and its checkpoint loads into a fresh wrap."""
+    base = make("lax", 3, axis=1)
+    config = nnx_peft.LoraConfig(rank=2, alpha=4.0, target=r".*(wi|wo)", weight_qtype="nf4")
+    peft = wrap(base, config)
+    frozen = jax.tree.map(np.asarray, nnx.state(peft.model, nnx.Not(nnx_peft.AdapterParam)))
+    step, optimizer = mse_step(), peft.make_optimizer(optax.adam(1e-2))
+    losses = [float(step(peft, optimizer)) for _ in range(3)]
+    assert losses[-1] < losses[0]
+    after = jax.tree.map(np.asarray, nnx.state(peft.model, nnx.Not(nnx_peft.AdapterParam)))
+    jax.tree.map(np.testing.assert_array_equal, frozen, after)
+    peft.save_adapter(tmp_path / "adapter")
+    loaded = nnx_peft.PeftModel.from_pretrained(
+        make("lax", 3, axis=1), tmp_path / "adapter", X, rngs=nnx.Rngs(2)
+    )
+    np.testing.assert_array_equal(np.asarray(loaded(X)), np.asarray(peft(X)))
 
 
 DROPOUT = nnx_peft.LoraConfig(rank=2, alpha=4.0, target=r".*(wi|wo)", dropout=0.5)
@@ -650,10 +744,45 @@ def test_scanned_toy_decoder_trains_and_merges() -> None:
     np.testing.assert_allclose(peft.merge_and_unload()(x), peft(x), rtol=1e-4, atol=1e-4)
 
 
+def test_qlora_stacks_from_base_weights_and_eval_shape(tmp_path: Path) -> None:
+    """QLoRA of the scanned toy decoder read from disk one weight at a time equals the
+    eager wrap bit for bit, and ``nnx.eval_shape`` gives its quantized stacks abstractly."""
+    import orbax.checkpoint as ocp
+
+    from nnx_peft.toy import DecoderConfig, TinyDecoder
+
+    cfg = DecoderConfig(vocab_size=16, num_layers=3, embed_dim=16, mlp_dim=32, scan_layers=True)
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    config = nnx_peft.LoraConfig(
+        rank=2, alpha=4.0, target=r".*(q_proj|down_proj)", weight_qtype="nf4", tile_size=8
+    )
+
+    def make() -> TinyDecoder:
+        return TinyDecoder(cfg, rngs=nnx.Rngs(0))
+
+    with ocp.StandardCheckpointer() as saver:
+        saver.save(tmp_path / "base", nnx.state(make()))
+    eager = nnx_peft.PeftModel(make(), config, tokens, rngs=nnx.Rngs(1))
+    read = nnx_peft.PeftModel.from_base_weights(
+        make, tmp_path / "base", config, tokens, rngs=nnx.Rngs(1)
+    )
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        jax.tree.map(np.asarray, nnx.state(eager.model)),
+        jax.tree.map(np.asarray, nnx.state(read.model)),
+    )
+    abstract = nnx.eval_shape(lambda: nnx_peft.PeftModel(make(), config, tokens, rngs=nnx.Rngs(1)))
+    for module in (abstract.model.layers.attn.q_proj, abstract.model.layers.mlp.down_proj):
+        assert isinstance(module.kernel, QuantizedWeight)
+        assert weight_variables(module.kernel)[0].get_value().shape[0] == 3
+
+
 def test_stacks_on_a_device_mesh(tmp_path: Any) -> None:
     """On an 8-device mesh (a subprocess, ``tests/multidevice_scanned.py``): stacked adapters
     are sharded like their weights with the layer axis as the weight has it, train as
-    without a mesh, take ``shard_adapters`` overrides, and restore on another mesh."""
+    without a mesh, take ``shard_adapters`` overrides, and restore on another mesh; QLoRA
+    stacks keep the float weights' layout in their quantized values and train as without
+    a mesh."""
     import json
     import os
     import subprocess
@@ -691,6 +820,14 @@ def test_stacks_on_a_device_mesh(tmp_path: Any) -> None:
         "layers/attn/q_proj/kernel_lora_a": [None, None, None],
         "layers/attn/q_proj/kernel_lora_b": [None, None, None, "tp"],
     }
+    assert report["qlora_weights"] == {
+        "layers/attn/q_proj": [None, "fsdp", "tp", None],
+        "layers/attn/o_proj": [None, "tp", None, "fsdp"],
+        "layers/mlp/up_proj": [None, "fsdp", "tp"],
+        "layers/mlp/down_proj": [None, "tp", "fsdp"],
+    }
+    np.testing.assert_allclose(report["qlora_losses"], report["qlora_reference_losses"], rtol=1e-5)
+    assert report["qlora_losses"][1] < report["qlora_losses"][0]
 
 
 @pytest.mark.parametrize("dropout", [False, True])
