@@ -84,11 +84,13 @@ def quantizes_later(
     """
     if rule is None or rule.weight_qtype is None or isinstance(rhs, QuantizedWeight):
         return False
-    name = _adapter_ops.find_weight(rhs, as_if_eager)
-    # After wrapping, a stacked QLoRA weight is quantized already.
+    # After wrapping, a stacked QLoRA weight is quantized already. The weight lookup,
+    # which may compare values, runs last: only in a copy during the sample call.
     module = _qwix_internals.get_current_module()
-    wrapping = getattr(module, _qwix_internals.DISABLE_QUANT_STATS_UPDATE, False)
-    if not wrapping or name is None or owner() is None:
+    if not getattr(module, _qwix_internals.DISABLE_QUANT_STATS_UPDATE, False) or owner() is None:
+        return False
+    name = _adapter_ops.find_weight(rhs, as_if_eager)
+    if name is None:
         return False
     later[(_adapter_ops.module_path(), name)] = layer_how(rule, how)
     return True
