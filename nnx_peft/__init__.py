@@ -4,7 +4,9 @@ from nnx_peft._adapter import AdapterInfo as AdapterInfo
 from nnx_peft._config import INIT_METHODS as INIT_METHODS
 from nnx_peft._config import WEIGHT_QTYPES as WEIGHT_QTYPES
 from nnx_peft._config import LoraConfig as LoraConfig
+from nnx_peft._errors import AdapterNameError as AdapterNameError
 from nnx_peft._errors import AdapterStateError as AdapterStateError
+from nnx_peft._errors import AddedAdapterError as AddedAdapterError
 from nnx_peft._errors import AlreadyWrappedError as AlreadyWrappedError
 from nnx_peft._errors import BaseWeightsMismatchError as BaseWeightsMismatchError
 from nnx_peft._errors import CheckpointExistsError as CheckpointExistsError
@@ -59,8 +61,10 @@ __all__ = [
     "INIT_METHODS",
     "WEIGHT_QTYPES",
     "AdapterInfo",
+    "AdapterNameError",
     "AdapterParam",
     "AdapterStateError",
+    "AddedAdapterError",
     "AlreadyWrappedError",
     "BaseWeightsMismatchError",
     "CheckpointExistsError",

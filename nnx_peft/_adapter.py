@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -26,6 +26,7 @@ from nnx_peft._adapter_state import AdapterState
 from nnx_peft._layout import LoraLayout
 from nnx_peft._parts import (
     ADAPTER_SUFFIXES,
+    DEFAULT_ADAPTER,
     DROPOUT_SUFFIX,
     INITIAL_A_SUFFIX,
     INITIAL_B_SUFFIX,
@@ -35,6 +36,8 @@ from nnx_peft._parts import (
     MAGNITUDE_SUFFIX,
     STATE_SUFFIX,
     UNMERGED_SUFFIX,
+    parse_part_name,
+    part_name,
 )
 from nnx_peft._paths import path_string
 from nnx_peft._variables import AdapterParam, InitialFactor, UnmergedWeight
@@ -63,6 +66,7 @@ class AdapterInfo:
             with the layer axis at ``layer_axis``); ``None`` otherwise.
         layer_axis: The layer axis of the weight and of its adapter's arrays,
             or ``None``.
+        adapter_name: The name of the adapter (``PeftModel.add_adapter``) this is part of.
     """
 
     module_path: str
@@ -76,6 +80,7 @@ class AdapterInfo:
     magnitude_shape: tuple[int, ...] | None = None
     layers: int | None = None
     layer_axis: int | None = None
+    adapter_name: str = DEFAULT_ADAPTER
 
     @property
     def size(self) -> int:
@@ -97,21 +102,24 @@ class Adapter:
         path: ``/``-joined path of ``module`` in the adapted model (``''`` for the root).
         module: The module holding the weight and, beside it, the adapter's parts.
         weight: The weight's attribute name, e.g. ``kernel``.
+        adapter: The adapter's name (``PeftModel.add_adapter``): one weight may have
+            several, each with parts of its own.
     """
 
     path: str
     module: nnx.Module
     weight: str
+    adapter: str = DEFAULT_ADAPTER
 
     # --- Reading the parts -----------------------------------------------------------------
 
     def name(self, suffix: str) -> str:
         """The attribute name of one part (a suffix of :mod:`nnx_peft._parts`)."""
-        return self.weight + suffix
+        return part_name(self.weight, suffix, self.adapter)
 
     def part(self, suffix: str) -> Any:
         """One part of the adapter, ``None`` where this adapter has none."""
-        return getattr(self.module, self.weight + suffix, None)
+        return getattr(self.module, self.name(suffix), None)
 
     @property
     def exists(self) -> bool:
@@ -121,7 +129,8 @@ class Adapter:
     @property
     def where(self) -> str:
         """The adapter in words, for error messages."""
-        return f"the adapter of {self.weight!r} in module {self.path!r}"
+        named = "" if self.adapter == DEFAULT_ADAPTER else f" named {self.adapter!r}"
+        return f"the adapter{named} of {self.weight!r} in module {self.path!r}"
 
     @property
     def base(self) -> Any:
@@ -131,17 +140,17 @@ class Adapter:
     @property
     def a(self) -> AdapterParam:
         """The factor ``A`` (rank last; stacked along ``layout.layer_axis`` in a stack)."""
-        return getattr(self.module, self.weight + LORA_A_SUFFIX)
+        return getattr(self.module, self.name(LORA_A_SUFFIX))
 
     @property
     def b(self) -> AdapterParam:
         """The factor ``B`` (rank first after any batch axes)."""
-        return getattr(self.module, self.weight + LORA_B_SUFFIX)
+        return getattr(self.module, self.name(LORA_B_SUFFIX))
 
     @property
     def layout(self) -> LoraLayout:
         """How the weight enters its matmul, the scale and the update variant."""
-        return getattr(self.module, self.weight + LAYOUT_SUFFIX)
+        return getattr(self.module, self.name(LAYOUT_SUFFIX))
 
     @property
     def magnitude(self) -> AdapterParam | None:
@@ -165,17 +174,17 @@ class Adapter:
     @property
     def unmerged(self) -> UnmergedWeight | None:
         """The weight's values from before ``merge_adapter``, ``None`` while unmerged."""
-        return vars(self.module).get(self.weight + UNMERGED_SUFFIX)
+        return vars(self.module).get(self.name(UNMERGED_SUFFIX))
 
     def trained(self) -> dict[str, AdapterParam]:
         """The trained parts by suffix: ``A``, ``B`` and the variant's extras (a magnitude)."""
         names = (LORA_A_SUFFIX, LORA_B_SUFFIX, *self.layout.update.extra_suffixes)
-        return {suffix: getattr(self.module, self.weight + suffix) for suffix in names}
+        return {suffix: getattr(self.module, self.name(suffix)) for suffix in names}
 
     def extras(self) -> dict[str, jax.Array]:
         """The values of the variant's extra trained arrays by suffix (DoRA's magnitude)."""
         return {
-            suffix: getattr(self.module, self.weight + suffix).get_value()
+            suffix: getattr(self.module, self.name(suffix)).get_value()
             for suffix in self.layout.update.extra_suffixes
         }
 
@@ -188,7 +197,7 @@ class Adapter:
         unmerged one with ``nnx.update``, which adds the variable but not the static
         attribute. The weights are merged then, so the update must not be added again.
         """
-        state: AdapterState = getattr(self.module, self.weight + STATE_SUFFIX, AdapterState.ACTIVE)
+        state: AdapterState = getattr(self.module, self.name(STATE_SUFFIX), AdapterState.ACTIVE)
         if state is AdapterState.ACTIVE and self.unmerged is not None:
             return AdapterState.MERGED
         return state
@@ -213,20 +222,21 @@ class Adapter:
             magnitude_shape=None if magnitude is None else tuple(magnitude.get_value().shape),
             layers=None if axis is None else a_shape[axis],
             layer_axis=axis,
+            adapter_name=self.adapter,
         )
 
     # --- Changing the parts ----------------------------------------------------------------
 
     def set_layout(self, layout: LoraLayout) -> None:
-        setattr(self.module, self.weight + LAYOUT_SUFFIX, layout)
+        setattr(self.module, self.name(LAYOUT_SUFFIX), layout)
 
     def set_initial(self, a: jax.Array, b: jax.Array) -> None:
         """Keeps ``(A0, B0)`` of an adapter whose weight now holds the residual."""
-        setattr(self.module, self.weight + INITIAL_A_SUFFIX, InitialFactor(a))
-        setattr(self.module, self.weight + INITIAL_B_SUFFIX, InitialFactor(b))
+        setattr(self.module, self.name(INITIAL_A_SUFFIX), InitialFactor(a))
+        setattr(self.module, self.name(INITIAL_B_SUFFIX), InitialFactor(b))
 
     def set_dropout(self, layer: nnx.Dropout) -> None:
-        setattr(self.module, self.weight + DROPOUT_SUFFIX, layer)
+        setattr(self.module, self.name(DROPOUT_SUFFIX), layer)
 
     def set_state(self, state: AdapterState) -> None:
         """Sets the state; ``ACTIVE`` removes the attribute.
@@ -234,7 +244,7 @@ class Adapter:
         Removing it returns the model to the very graph definition it had before, so
         ``nnx.jit`` finds its earlier trace.
         """
-        name = self.weight + STATE_SUFFIX
+        name = self.name(STATE_SUFFIX)
         if state is AdapterState.ACTIVE:
             if name in vars(self.module):
                 delattr(self.module, name)
@@ -243,29 +253,77 @@ class Adapter:
 
     def keep_unmerged(self, values: Sequence[jax.Array]) -> None:
         """Keeps the weight's values from before a merge, for an exact unmerge."""
-        setattr(self.module, self.weight + UNMERGED_SUFFIX, UnmergedWeight(tuple(values)))
+        setattr(self.module, self.name(UNMERGED_SUFFIX), UnmergedWeight(tuple(values)))
 
     def drop_unmerged(self) -> None:
-        delattr(self.module, self.weight + UNMERGED_SUFFIX)
+        delattr(self.module, self.name(UNMERGED_SUFFIX))
 
     def remove(self) -> None:
         """Deletes every part, leaving the module with its weight alone."""
+        self.detach()
+
+    def detach(self) -> dict[str, Any]:
+        """Takes every part off the module; returns them by suffix (see :meth:`attach`)."""
+        parts = {}
         for suffix in (*ADAPTER_SUFFIXES, UNMERGED_SUFFIX):
-            if self.weight + suffix in vars(self.module):
-                delattr(self.module, self.weight + suffix)
+            if self.name(suffix) in vars(self.module):
+                parts[suffix] = vars(self.module)[self.name(suffix)]
+                delattr(self.module, self.name(suffix))
+        return parts
+
+    def attach(self, parts: dict[str, Any]) -> None:
+        """Puts parts (by suffix, as :meth:`detach` returns them) on the module under this
+        adapter's names."""
+        for suffix, value in parts.items():
+            setattr(self.module, self.name(suffix), value)
+
+    def rename(self, adapter: str) -> Adapter:
+        """Moves every part to the names of the adapter ``adapter``; returns its view."""
+        renamed = dataclasses.replace(self, adapter=adapter)
+        renamed.attach(self.detach())
+        return renamed
+
+
+@dataclasses.dataclass(frozen=True)
+class OfAdapters:
+    """An NNX filter: the trained parts (A, B, a DoRA magnitude) of the adapters named."""
+
+    names: tuple[str, ...]
+
+    def __call__(self, path: tuple[Any, ...], value: Any) -> bool:
+        if not path or not isinstance(value, AdapterParam):
+            return False
+        key = str(path[-1])
+        for suffix in (LORA_A_SUFFIX, LORA_B_SUFFIX, MAGNITUDE_SUFFIX):
+            parsed = parse_part_name(key, suffix)
+            if parsed is not None:
+                return parsed[1] in self.names
+        return False
 
 
 def adapters_of(path: str, module: nnx.Module) -> Iterator[Adapter]:
-    """The adapters of the weights of ``module`` itself (not of its submodules)."""
+    """The adapters of the weights of ``module`` itself (not of its submodules), all names.
+
+    In the order of the weights' first adapter in the module, and for one weight the
+    default adapter first, then the others by name (whatever order they were attached in).
+    """
+    found = []
     for name, value in list(vars(module).items()):
-        if name.endswith(LORA_A_SUFFIX) and isinstance(value, AdapterParam):
-            yield Adapter(path, module, name[: -len(LORA_A_SUFFIX)])
+        parsed = parse_part_name(name, LORA_A_SUFFIX)
+        if parsed is not None and isinstance(value, AdapterParam):
+            found.append(parsed)
+    weights = list(dict.fromkeys(weight for weight, _ in found))
+    found.sort(key=lambda p: (weights.index(p[0]), p[1] != DEFAULT_ADAPTER, p[1]))
+    for weight, adapter in found:
+        yield Adapter(path, module, weight, adapter)
 
 
-def adapters(model: nnx.Module) -> list[Adapter]:
-    """Every adapter nnx_peft created in ``model``, in module order."""
+def adapters(model: nnx.Module, names: Collection[str] | None = None) -> list[Adapter]:
+    """Every adapter nnx_peft created in ``model`` (only those named in ``names`` if given),
+    in module order."""
     return [
         adapter
         for path, module in nnx.iter_modules(model)
         for adapter in adapters_of(path_string(path), module)
+        if names is None or adapter.adapter in names
     ]

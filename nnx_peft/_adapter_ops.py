@@ -34,7 +34,7 @@ from flax import nnx
 from nnx_peft import _embedding, _quantized, _qwix_internals, _sharding
 from nnx_peft._adapter import Adapter, adapters_of
 from nnx_peft._adapter_state import AdapterState, refuse_adapter_gradients
-from nnx_peft._errors import UnreachedTargetError, UnsupportedLayerError
+from nnx_peft._errors import AdapterStateError, UnreachedTargetError, UnsupportedLayerError
 from nnx_peft._factors import Subscripts
 from nnx_peft._layout import LoraLayout
 from nnx_peft._parts import (
@@ -113,70 +113,113 @@ def multiplies_lookup_table(weight_name: str | None, operand: Any, traced: bool)
     return False
 
 
+def has_adapter(module: nnx.Module, weight_name: str) -> bool:
+    """Whether the weight ``weight_name`` of ``module`` has an adapter, of any name."""
+    return any(adapter.weight == weight_name for adapter in adapters_of("", module))
+
+
 def add_update(
     res: jax.Array,
     weight_name: str,
     rule: qwix.LoraRule,
     lhs: jax.Array,
     operand: Any,
-    adapter: tuple[jax.Array, jax.Array] | None,
-    update: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
+    created: bool,
+    update: Callable[[float], Callable[[jax.Array, jax.Array, jax.Array], jax.Array]],
     template: str,
 ) -> jax.Array:
-    """The adapted output, as the adapter's :class:`AdapterState` and variant ask.
+    """The adapted output, as the states and variants of the weight's adapters ask.
+
+    Every adapter of the weight (one per name, ``PeftModel.add_adapter``) that is active
+    adds its update; a merged one adds none (its gradient is refused); a disabled or
+    inactive one adds none, or, started from the weight (PiSSA, OLoRA), adds its initial
+    update back to the residual the weight holds.
 
     Args:
         res: The base matmul's output.
         weight_name: The adapted weight.
-        rule: The Qwix rule (for the dropout rate).
+        rule: The Qwix rule (for the dropout rate of an adapter created by this call).
         lhs: The matmul's input.
         operand: The matmul's weight operand.
-        adapter: ``(A, B)``, or ``None`` when this call created them (see ``adapter``).
-        update: ``(x, A, B) -> scale * x A B``, shaped like ``res``.
+        created: Whether this call created the adapter (see ``adapter``): its update is zero.
+        update: ``update(scale)(x, A, B)`` is ``scale * x A B``, shaped like ``res``.
         template: The output's axes (``_factors.dot_general_output`` and the like).
     """
     module = _qwix_internals.get_current_module()
-    if adapter is None:
+    if created:
         # Created with the adapter, not inside a later jit; a layer of a stack (whose
         # RNGs are not lent) gets its slice of the stack's (see ``create_stacked``).
         if getattr(module, QWIX_RNGS, None) is not None:
             dropout_layer(weight_name, rule)
         return res
-    parts = Adapter(module_path(), module, weight_name)
-    layout = parts.layout
-    extras = {
-        suffix: _qwix_internals.unbox(parts.part(suffix)) for suffix in layout.update.extra_suffixes
-    }
-    state = parts.state
+    found = [a for a in adapters_of(module_path(), module) if a.weight == weight_name]
     compute = _compute_dtype(lhs, operand)
 
-    def cast_update(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    def cast_update(parts: Adapter, x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
         # In the layer's compute dtype, then in the base output's: the adapted
         # output has exactly the base layer's dtype, whatever the adapters'.
-        out = update(x.astype(compute), a.astype(compute), b.astype(compute))
+        out = update(parts.layout.scale)(x.astype(compute), a.astype(compute), b.astype(compute))
         return out.astype(res.dtype)
 
-    if state is AdapterState.ACTIVE:
-        assert layout.subscripts is not None
-        adapted = layout.update.apply(
-            res,
-            cast_update(_dropout(weight_name, rule, lhs), *adapter),
-            sub=layout.subscripts,
-            weight=lambda: _float_operand(module, weight_name, operand),
-            a=adapter[0],
-            b=adapter[1],
-            scale=layout.scale,
-            extras=extras,
-            template=template,
+    active = [parts for parts in found if parts.state is AdapterState.ACTIVE]
+    if len(active) > 1 and any(parts.layout.update.extra_suffixes for parts in active):
+        raise AdapterStateError(
+            f"{len(active)} adapters of the weight {weight_name!r} in module {module_path()!r} "
+            f"are active ({[p.adapter for p in active]}) and one of them is a DoRA adapter, "
+            "whose update rescales the layer's whole output and so cannot be added to "
+            "another's. Activate one at a time (model.set_adapter(name))."
         )
-        return adapted.astype(res.dtype)
-    if state is AdapterState.MERGED:
-        return refuse_adapter_gradients(module_path(), res, (*adapter, *extras.values()))
-    initial = parts.initial
-    if initial is None:
-        return res
-    # The weight holds the residual W - scale * A0 B0: add the initial adapter back.
-    return res + cast_update(lhs, initial[0].get_value(), initial[1].get_value())
+    adapted = res
+    for parts in found:
+        state = parts.state
+        if state is AdapterState.ACTIVE:
+            adapted = _add_active(parts, adapted, lhs, operand, cast_update, template)
+        elif state is AdapterState.MERGED:
+            arrays = (*_factors_of(parts), *_extras_of(parts).values())
+            adapted = refuse_adapter_gradients(module_path(), adapted, arrays)
+        elif (initial := parts.initial) is not None:
+            # The weight holds the residual W - scale * A0 B0: add the initial adapter back.
+            adapted = adapted + cast_update(
+                parts, lhs, initial[0].get_value(), initial[1].get_value()
+            )
+    return adapted
+
+
+def _factors_of(parts: Adapter) -> tuple[jax.Array, jax.Array]:
+    return _qwix_internals.unbox(parts.a), _qwix_internals.unbox(parts.b)
+
+
+def _extras_of(parts: Adapter) -> dict[str, jax.Array]:
+    extras = parts.layout.update.extra_suffixes
+    return {suffix: _qwix_internals.unbox(parts.part(suffix)) for suffix in extras}
+
+
+def _add_active(
+    parts: Adapter,
+    res: jax.Array,
+    lhs: jax.Array,
+    operand: Any,
+    cast_update: Callable[..., jax.Array],
+    template: str,
+) -> jax.Array:
+    """``res`` with the update of the active adapter ``parts``, as its variant adds it."""
+    layout = parts.layout
+    assert layout.subscripts is not None
+    a, b = _factors_of(parts)
+    layer = parts.dropout
+    x = lhs if layer is None else layer(lhs)
+    adapted = layout.update.apply(
+        res,
+        cast_update(parts, x, a, b),
+        sub=layout.subscripts,
+        weight=lambda: _float_operand(parts.module, parts.weight, operand),
+        a=a,
+        b=b,
+        scale=layout.scale,
+        extras=_extras_of(parts),
+        template=template,
+    )
+    return adapted.astype(res.dtype)
 
 
 def _compute_dtype(lhs: jax.Array, operand: Any) -> Any:
@@ -209,12 +252,6 @@ def dropout_layer(weight_name: str, rule: qwix.LoraRule) -> nnx.Dropout | None:
     return layer
 
 
-def _dropout(weight_name: str, rule: qwix.LoraRule, lhs: jax.Array) -> jax.Array:
-    """Applies the adapter's dropout submodule (nothing at rate 0)."""
-    layer = dropout_layer(weight_name, rule)
-    return lhs if layer is None else layer(lhs)
-
-
 def canonical_sharding(boxed: Any) -> jax.sharding.NamedSharding | None:
     """The base weight's ``NamedSharding`` with its spec padded to full rank, if any."""
     value = _qwix_internals.unbox(boxed)
@@ -232,9 +269,9 @@ def adapter(
     layout: LoraLayout,
     sub: Subscripts,
     operand: Any,
-) -> tuple[jax.Array, jax.Array] | None:
-    """``(A, B)`` of the weight ``name`` of the current module, or ``None`` if this call
-    created them, as ``spec`` says (``shapes``: see ``_products``).
+) -> None:
+    """Creates the adapter of the weight ``name`` of the current module, as ``spec`` says
+    (``shapes``: see ``_products``).
 
     A new adapter's update is zero: ``B`` starts at zero, or the weight becomes
     the residual ``W - scale * A @ B`` while this call's base output was computed
@@ -250,8 +287,6 @@ def adapter(
     """
     module = _qwix_internals.get_current_module()
     parts = Adapter(module_path(), module, name)
-    if parts.part(LORA_A_SUFFIX) is not None:
-        return _get_or_create_adapter(name, rule, shapes, layout, operand)
     if getattr(WRAP_TIME, "provider", None) is None:
         raise UnreachedTargetError(
             f"Module {module_path()!r} is targeted and a call after wrapping multiplies by its "
@@ -286,7 +321,7 @@ def adapter(
         lora_b_initializer=start.b,
     )
     try:
-        lora_a, lora_b = _get_or_create_adapter(name, rule, shapes, layout, operand, spec.dtype)
+        lora_a, lora_b = _create_factors(name, rule, shapes, layout, operand, spec.dtype)
     except flax.errors.TraceContextError as error:
         raise traced_weight_error(name) from error
     weight = _float_operand(module, name, operand)
@@ -324,7 +359,7 @@ def traced_weight_error(name: str) -> UnsupportedLayerError:
     )
 
 
-def _get_or_create_adapter(
+def _create_factors(
     name: str,
     rule: qwix.LoraRule,
     shapes: FactorShapes,
@@ -332,7 +367,7 @@ def _get_or_create_adapter(
     operand: Any,
     adapter_dtype: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Qwix's ``_get_or_create_lora_params`` for NNX, creating :class:`AdapterParam`.
+    """Qwix's ``_get_or_create_lora_params`` for NNX, creating :class:`AdapterParam`s.
 
     New adapters are stored in ``adapter_dtype`` (``LoraConfig.adapter_dtype``),
     or, when it is ``None``, in the weight's dtype (a QLoRA weight: its scale's).
@@ -345,10 +380,6 @@ def _get_or_create_adapter(
     """
     module = _qwix_internals.get_current_module()
     parts = Adapter(module_path(), module, name)
-    lora_a, lora_b = parts.part(LORA_A_SUFFIX), parts.part(LORA_B_SUFFIX)
-    if lora_a is not None and lora_b is not None:
-        return _qwix_internals.unbox(lora_a), _qwix_internals.unbox(lora_b)
-
     param = getattr(module, name)
     if isinstance(param, QuantizedWeight):  # quantized from ``operand`` in this very call
         _sharding.place_quantized(operand, weight_variables(param))

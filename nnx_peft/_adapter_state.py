@@ -32,6 +32,9 @@ class AdapterState(enum.Enum):
     ACTIVE = "active"
     #: Skip the update: the module computes what the base model computes.
     DISABLED = "disabled"
+    #: Skip the update: the adapter is not in the active set (``PeftModel.set_adapter``).
+    #: Its parts stay, frozen; it is left out of merging and ``disable_adapter()``.
+    INACTIVE = "inactive"
     #: Skip the update, which is already folded into the base weight.
     #: Differentiating with respect to the adapters raises AdapterStateError.
     MERGED = "merged"

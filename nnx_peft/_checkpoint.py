@@ -60,6 +60,7 @@ from nnx_peft._checkpoint_format import (
     values,
     verify,
 )
+from nnx_peft._config import LoraConfig
 from nnx_peft._errors import (
     CheckpointExistsError,
     ConcurrentSaveError,
@@ -436,6 +437,18 @@ def _restore_adapters(
         where,
         lambda: check_adapters(data, model, where),
     )
+
+
+def saved_config(path: epath.PathLike, step: int | None) -> LoraConfig:
+    """The ``LoraConfig`` of the adapter checkpoint at ``path`` (its newest step by default).
+
+    Raises:
+        NotACheckpointError, CorruptCheckpointError: As :func:`load_adapter`.
+    """
+    manager, _, where, data = _open(path, step)
+    with manager:
+        config, _ = parse_description(data, where)
+    return config
 
 
 def from_pretrained(

@@ -278,10 +278,12 @@ def _adapter_records(infos: Any) -> list[dict[str, Any]]:
     return [
         {
             # The layer fields only for scanned stacks: other descriptions stay as they were.
+            # A checkpoint holds one adapter, whatever its name in the model was.
             **{
                 k: v
                 for k, v in dataclasses.asdict(info).items()
-                if k not in ("layers", "layer_axis") or info.layers is not None
+                if (k not in ("layers", "layer_axis") or info.layers is not None)
+                and k != "adapter_name"
             },
             "a_shape": list(info.a_shape),
             "b_shape": list(info.b_shape),

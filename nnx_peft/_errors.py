@@ -81,6 +81,15 @@ class AdapterStateError(PeftError, ValueError):
     """The adapters are merged, unmerged or disabled, and the operation needs another state."""
 
 
+class AdapterNameError(PeftError, ValueError):
+    """An adapter name is unknown, taken already, or not a valid name."""
+
+
+class AddedAdapterError(ConfigError):
+    """An adapter to add (``PeftModel.add_adapter``) cannot share the model with the others:
+    its config, or theirs, asks for something several adapters cannot share."""
+
+
 class OptimizerError(PeftError, TypeError):
     """A training checkpoint is saved or restored without an ``nnx.Optimizer``."""
 

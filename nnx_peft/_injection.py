@@ -202,6 +202,8 @@ class ProviderKey:
 
     config: LoraConfig
     targets: tuple[str, ...]
+    #: The configs and targets of the adapters added later (``PeftModel.add_adapter``).
+    added: tuple[tuple[LoraConfig, tuple[str, ...]], ...] = ()
 
     def provider(self) -> PeftLoraProvider:
         return _provider(self)
@@ -209,7 +211,28 @@ class ProviderKey:
 
 @functools.cache
 def _provider(key: ProviderKey) -> PeftLoraProvider:
-    return PeftLoraProvider(rules(key.config, key.targets), AdapterPlan.from_config(key.config))
+    plan = AdapterPlan.from_config(key.config)
+    if not key.added:
+        return PeftLoraProvider(rules(key.config, key.targets), plan)
+    # Several adapters: a product is intercepted where any of them targets its module. Each
+    # adapter's update comes from its own recorded layout, not from the rules or the plan.
+    entries = ((key.config, key.targets), *key.added)
+    return PeftLoraProvider([_union_rule(config, targets) for config, targets in entries], plan)
+
+
+def _union_rule(config: LoraConfig, targets: tuple[str, ...]) -> qwix.LoraRule:
+    """One Qwix rule selecting what ``rules(config, targets)`` selects (exclusions folded in)."""
+    pattern = "(?:" + "|".join(targets) + ")"
+    if config.exclude:
+        pattern = "(?!(?:" + "|".join(config.exclude) + r")\Z)" + pattern
+    return qwix.LoraRule(
+        module_path=pattern,
+        rank=config.rank,
+        alpha=config.alpha,
+        dropout=config.dropout,
+        weight_qtype=config.weight_qtype,
+        tile_size=config.tile_size,
+    )
 
 
 def dry_run(

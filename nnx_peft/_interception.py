@@ -169,7 +169,7 @@ def apply_lora(
 
     During the sample call every module (but Flax's containers) has its
     adapted class, which notes the modules the call runs; afterwards only the
-    modules on the way to an adapter keep it (see ``_settle_classes``).
+    modules on the way to an adapter keep it (see ``settle_classes``).
 
     Raises:
         UnreachedTargetError: ``unreached`` lists modules whose input cannot
@@ -199,7 +199,7 @@ def apply_lora(
     for _, module in nnx.iter_modules(model):  # the first call is over
         setattr(module, _qwix_internals.DISABLE_QUANT_STATS_UPDATE, False)
         setattr(module, _qwix_internals.QWIX_RNGS, None)
-    _settle_classes(model, source)
+    settle_classes(model, source)
     return model
 
 
@@ -207,13 +207,15 @@ def apply_lora(
 _CONTAINERS = (nnx.List, nnx.Dict)
 
 
-def _settle_classes(model: nnx.Module, source: ProviderSource) -> None:
-    """Keeps the adapted class, with ``source``, on the modules on the way to an adapter.
+def settle_classes(model: nnx.Module, source: ProviderSource) -> None:
+    """Gives the modules on the way to an adapter the adapted class, with ``source``.
 
     Their methods then run with the adapters when called directly, not only
     through the root (``model.encoder(x)``, ``model.layers[0].attn(x)``). The
-    other modules get their own classes back.
+    other modules get their own classes back. Run again when adapters are added or
+    deleted (``PeftModel.add_adapter``), with the provider of them all.
     """
+    setattr(model, PROVIDER_ATTRIBUTE, source)
     paths = [
         path
         for path, module in nnx.iter_modules(model)
@@ -224,8 +226,11 @@ def _settle_classes(model: nnx.Module, source: ProviderSource) -> None:
         if module is model:
             continue
         if path in on_the_way and type(module) not in _CONTAINERS:
+            object.__setattr__(module, "__class__", adapted_class(unwrapped_type(module)))
             setattr(module, PROVIDER_ATTRIBUTE, source)
         else:
+            if PROVIDER_ATTRIBUTE in vars(module):
+                delattr(module, PROVIDER_ATTRIBUTE)
             object.__setattr__(module, "__class__", unwrapped_type(module))
 
 

@@ -34,7 +34,7 @@ class Lookups:
     _plan: AdapterPlan
     _record: CallRecord | None
     _targeted_here: Callable[..., qwix.LoraRule | None]
-    _adapter: Callable[..., tuple[jax.Array, jax.Array] | None]
+    _adapter: Callable[..., bool]
 
     def lookup_intercepts(self) -> dict[str, Callable[..., Any]]:
         """The functions intercepted, by the name Qwix's interception replaces."""
@@ -128,15 +128,18 @@ class Lookups:
         )
         sub = _factors.dot_general_subscripts(2, (0,), ())
         layout = _embedding.LOOKUP_LAYOUT
-        adapter = self._adapter(weight_name, rule, spec, shapes, layout, sub, table)
-        if adapter is None:  # created: watch for its table multiplied elsewhere
+        created = self._adapter(weight_name, rule, spec, shapes, layout, sub, table)
+        if created:  # watch for its table multiplied elsewhere
             self._tables().append((_qwix_internals.get_current_module(), weight_name))
 
-        def update(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array) -> jax.Array:
-            del x  # the ids, cast to the compute dtype: the lookup takes them as they are
-            return _embedding.lookup_update(ids, lora_a, lora_b, spec.scale, **take_kwargs)
+        def update(scale: float) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+            def scaled(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array) -> jax.Array:
+                del x  # the ids, cast to the compute dtype: the lookup takes them as they are
+                return _embedding.lookup_update(ids, lora_a, lora_b, scale, **take_kwargs)
+
+            return scaled
 
         template = _factors.dot_general_output(sub, res.ndim)
         return _adapter_ops.add_update(
-            res, weight_name, rule, ids, table, adapter, update, template
+            res, weight_name, rule, ids, table, created, update, template
         )

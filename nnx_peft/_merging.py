@@ -23,7 +23,7 @@ their original types back.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -183,9 +183,14 @@ def check_mergeable(adapter: Adapter) -> None:
 # The adapters' state.
 
 
+def in_use(model: nnx.Module) -> list[Adapter]:
+    """The adapters in the active set: every one not ``INACTIVE`` (``PeftModel.set_adapter``)."""
+    return [a for a in adapters(model) if a.state is not AdapterState.INACTIVE]
+
+
 def is_merged(model: nnx.Module) -> bool:
-    """Whether ``model`` has adapters and all of them are merged into the base weights."""
-    return {adapter.state for adapter in adapters(model)} == {AdapterState.MERGED}
+    """Whether ``model`` has adapters in use and all of them are merged into the base weights."""
+    return {adapter.state for adapter in in_use(model)} == {AdapterState.MERGED}
 
 
 def is_disabled(model: nnx.Module) -> bool:
@@ -220,12 +225,21 @@ def _require(found: Sequence[Adapter], allowed: Sequence[AdapterState], action: 
         raise AdapterStateError(f"{action} needs every adapter {expected}, but {where}. {fix}")
 
 
-def _base_values(adapter: Adapter) -> list[jax.Array]:
-    """The values of the base weight's variables without the update, merged or not."""
-    unmerged = adapter.unmerged
-    if unmerged is not None:
-        return list(unmerged.get_value())
-    return [variable.get_value() for variable in weight_variables(adapter.base)]
+def by_weight(found: Sequence[Adapter]) -> list[list[Adapter]]:
+    """``found`` grouped by the weight they adapt (several names may adapt one), in order."""
+    groups: dict[tuple[int, str], list[Adapter]] = {}
+    for adapter in found:
+        groups.setdefault((id(adapter.module), adapter.weight), []).append(adapter)
+    return list(groups.values())
+
+
+def _base_values(group: Sequence[Adapter]) -> list[jax.Array]:
+    """The values of the base weight's variables without the updates, merged or not."""
+    for adapter in group:
+        unmerged = adapter.unmerged
+        if unmerged is not None:
+            return list(unmerged.get_value())
+    return [variable.get_value() for variable in weight_variables(group[0].base)]
 
 
 def _fold(adapter: Adapter, base: jax.Array, dtype: Any) -> jax.Array:
@@ -247,6 +261,15 @@ def _fold(adapter: Adapter, base: jax.Array, dtype: Any) -> jax.Array:
     extras = {suffix: value.astype(compute) for suffix, value in adapter.extras().items()}
     a, b = (factor.get_value().astype(compute) for factor in (adapter.a, adapter.b))
     return fold(base.astype(compute), a, b, extras).astype(dtype)
+
+
+def _fold_all(group: Sequence[Adapter], base: jax.Array, dtype: Any) -> jax.Array:
+    """``base`` with the updates of every adapter of ``group`` (one weight) folded in,
+    in the compute dtype, rounded once to ``dtype``."""
+    compute = jnp.promote_types(base.dtype, jnp.float32)
+    for adapter in group[:-1]:
+        base = _fold(adapter, base, compute)
+    return _fold(group[-1], base, dtype)
 
 
 def _check_all_mergeable(found: Sequence[Adapter]) -> None:
@@ -274,14 +297,18 @@ def _float_dtype(dtype: Any) -> np.dtype[Any] | None:
 # The verbs.
 
 
-def merge_and_unload(model: nnx.Module, *, dtype: Any = None) -> nnx.Module:
-    """A plain copy of the adapted ``model`` with every update folded into its weight.
+def merge_and_unload(
+    model: nnx.Module, *, dtype: Any = None, names: Collection[str] | None = None
+) -> nnx.Module:
+    """A plain copy of the adapted ``model`` with the updates folded into its weights.
 
     Args:
         model: The adapted model (``PeftModel.model``); it is not modified.
         dtype: Dtype of the merged weights; ``None`` keeps each weight's dtype
             (for a QLoRA weight: dequantized, in the dtype of its scale).
             Weights without an adapter keep theirs.
+        names: The adapters to fold in; ``None``: those in use (the active set).
+            The others are dropped.
 
     Returns:
         A model of the base model's class with the base model's structure: no
@@ -294,46 +321,57 @@ def merge_and_unload(model: nnx.Module, *, dtype: Any = None) -> nnx.Module:
         AdapterStateError: Called inside ``disable_adapter()``.
     """
     resolved = _float_dtype(dtype)
-    found = adapters(model)
+    found = in_use(model) if names is None else adapters(model, names)
     _check_all_mergeable(found)
-    _require(found, (AdapterState.ACTIVE, AdapterState.MERGED), "merge_and_unload()")
+    allowed = (AdapterState.ACTIVE, AdapterState.MERGED)
+    if names is None:
+        _require(found, allowed, "merge_and_unload()")
+    else:  # an adapter outside the active set may be folded in too
+        _require(adapters(model), (*allowed, AdapterState.INACTIVE), "merge_and_unload()")
+    chosen = {(a.path, a.weight, a.adapter) for a in found}
     plain = nnx.clone(model)
-    for adapter in adapters(plain):
-        stored = adapter.base
-        base = weight_value(stored, _base_values(adapter))
-        merged = _fold(adapter, base, base.dtype if resolved is None else resolved)
-        setattr(adapter.module, adapter.weight, weight_variables(stored)[0].replace(merged))
-        adapter.remove()
+    for group in by_weight(adapters(plain)):
+        stored = group[0].base
+        base = weight_value(stored, _base_values(group))
+        folded = [a for a in group if (a.path, a.weight, a.adapter) in chosen]
+        if folded:
+            base = _fold_all(folded, base, base.dtype if resolved is None else resolved)
+        setattr(group[0].module, group[0].weight, weight_variables(stored)[0].replace(base))
+        for adapter in group:
+            adapter.remove()
     _saved_modules.unmark(plain)
     unwrap(plain)
     return plain
 
 
 def merge_adapter(model: nnx.Module) -> None:
-    """Folds every update into its base weight, in place, keeping the originals.
+    """Folds the update of every adapter in use into its base weight, in place, keeping the
+    originals.
 
-    Float weights become ``W + scale * delta``, rounded once to their dtype.
-    QLoRA weights are dequantized, updated and quantized again the way Qwix
-    quantized them, which rounds the sum to the quantization grid.
+    Float weights become ``W + scale * delta`` (the updates of all active adapters of the
+    weight), rounded once to their dtype. QLoRA weights are dequantized, updated and
+    quantized again the way Qwix quantized them, which rounds the sum to the quantization
+    grid.
 
     Raises:
         AdapterStateError: The adapters are already merged, or disabled.
         UnmergeableAdapterError: An update cannot be folded exactly.
     """
-    found = adapters(model)
+    found = in_use(model)
     _require(found, (AdapterState.ACTIVE,), "merge_adapter()")
     _check_all_mergeable(found)
     merges = []
-    for adapter in found:  # compute all before changing any
-        stored = adapter.base
-        originals = _base_values(adapter)
+    for group in by_weight(found):  # compute all before changing any
+        stored = group[0].base
+        originals = _base_values(group)
         base = weight_value(stored, originals)
-        merges.append((originals, weight_values(stored, _fold(adapter, base, base.dtype))))
-    for adapter, (originals, merged) in zip(found, merges, strict=True):
-        for variable, value in zip(weight_variables(adapter.base), merged, strict=True):
+        merges.append((originals, weight_values(stored, _fold_all(group, base, base.dtype))))
+    for group, (originals, merged) in zip(by_weight(found), merges, strict=True):
+        for variable, value in zip(weight_variables(group[0].base), merged, strict=True):
             variable.set_value(value)
-        adapter.keep_unmerged(originals)
-        adapter.set_state(AdapterState.MERGED)
+        group[0].keep_unmerged(originals)  # once per weight
+        for adapter in group:
+            adapter.set_state(AdapterState.MERGED)
 
 
 def unmerge_adapter(model: nnx.Module) -> None:
@@ -342,16 +380,19 @@ def unmerge_adapter(model: nnx.Module) -> None:
     Raises:
         AdapterStateError: The adapters are not merged, or disabled.
     """
-    found = adapters(model)
+    found = in_use(model)
     _require(found, (AdapterState.MERGED,), "unmerge_adapter()")
-    for adapter in found:
-        unmerged = adapter.unmerged
+    for group in by_weight(found):
+        holder = next(a for a in group if a.unmerged is not None)
+        unmerged = holder.unmerged
         assert unmerged is not None
-        originals = unmerged.get_value()
-        for variable, value in zip(weight_variables(adapter.base), originals, strict=True):
+        for variable, value in zip(
+            weight_variables(holder.base), unmerged.get_value(), strict=True
+        ):
             variable.set_value(value)
-        adapter.drop_unmerged()
-        adapter.set_state(AdapterState.ACTIVE)
+        holder.drop_unmerged()
+        for adapter in group:
+            adapter.set_state(AdapterState.ACTIVE)
 
 
 @contextlib.contextmanager
@@ -365,7 +406,7 @@ def disable_adapter(model: nnx.Module) -> Iterator[None]:
     was_merged = is_merged(model)
     if was_merged:
         unmerge_adapter(model)
-    found = adapters(model)
+    found = in_use(model)
     previous = [adapter.state for adapter in found]
     for adapter in found:
         adapter.set_state(AdapterState.DISABLED)

@@ -25,6 +25,11 @@ unmerged           ``w_lora_unmerged``      the weight's values before ``merge_a
 Only A, B and the magnitude are trained; a checkpoint holds them, the initial factors, and
 (in its description) each layout.
 
+Several named adapters (``PeftModel.add_adapter``) can adapt one weight: the parts of the
+adapter named :data:`DEFAULT_ADAPTER` carry the names above, those of an adapter named ``n``
+the same names followed by ``__n`` (``w_lora_a__n``); :func:`part_name` builds a name and
+:func:`parse_part_name` reads one back.
+
 A module fully trained instead (``LoraConfig.modules_to_save``) keeps its values from before
 training in one attribute of its own, :data:`ORIGINAL_ATTRIBUTE`.
 """
@@ -43,6 +48,11 @@ INITIAL_B_SUFFIX = "_lora_initial_b"
 MAGNITUDE_SUFFIX = "_lora_magnitude"
 UNMERGED_SUFFIX = "_lora_unmerged"
 
+#: The name of the adapter a wrap creates unless told otherwise (as in HF PEFT).
+DEFAULT_ADAPTER = "default"
+#: Between a part's name and the name of its adapter (other than the default).
+NAME_SEPARATOR = "__"
+
 #: Attribute of a saved module (``modules_to_save``) holding its values from before training.
 ORIGINAL_ATTRIBUTE = "lora_saved_original"
 
@@ -59,3 +69,20 @@ ADAPTER_SUFFIXES = (
     MAGNITUDE_SUFFIX,
     QWIX_EINSUM_STR_SUFFIX,
 )
+
+
+def part_name(weight: str, suffix: str, adapter: str = DEFAULT_ADAPTER) -> str:
+    """The attribute holding the part ``suffix`` of the adapter named ``adapter`` of ``weight``."""
+    if adapter == DEFAULT_ADAPTER:
+        return weight + suffix
+    return weight + suffix + NAME_SEPARATOR + adapter
+
+
+def parse_part_name(attribute: str, suffix: str) -> tuple[str, str] | None:
+    """``(weight, adapter name)`` if ``attribute`` names the part ``suffix`` of an adapter."""
+    stem, separator, adapter = attribute.rpartition(NAME_SEPARATOR)
+    if not separator or not stem.endswith(suffix):
+        stem, adapter = attribute, DEFAULT_ADAPTER
+    if not stem.endswith(suffix) or len(stem) == len(suffix):
+        return None
+    return stem[: -len(suffix)], adapter

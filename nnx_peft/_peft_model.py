@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from nnx_peft import (
     _safetensors,
     _sharding,
 )
-from nnx_peft._adapter import AdapterInfo
+from nnx_peft._adapter import AdapterInfo, OfAdapters
 from nnx_peft._config import LoraConfig
 from nnx_peft._errors import (
     AlreadyWrappedError,
@@ -32,12 +32,14 @@ from nnx_peft._errors import (
     SampleInputsError,
 )
 from nnx_peft._injection import inject, iter_adapters, sample_keywords
-from nnx_peft._interception import is_qwix_wrapped
+from nnx_peft._interception import PROVIDER_ATTRIBUTE, is_qwix_wrapped
+from nnx_peft._named import Entry, NamedAdapters, check_new_name, resolve
+from nnx_peft._parts import DEFAULT_ADAPTER
 from nnx_peft._summary import ParameterSummary, summarize
 from nnx_peft._variables import AdapterParam
 
 
-class PeftModel(nnx.Module):
+class PeftModel(NamedAdapters, nnx.Module):
     """Any Flax NNX model with LoRA adapters injected through Qwix.
 
     The wrapper holds an adapted *clone* of ``base_model`` in ``self.model``.
@@ -110,9 +112,11 @@ class PeftModel(nnx.Module):
         *sample_args: Any,
         rngs: nnx.Rngs,
         sample_kwargs: Mapping[str, Any] | None = None,
+        adapter_name: str = DEFAULT_ADAPTER,
         **keywords: Any,
     ) -> None:
         sample_kwargs = sample_keywords(sample_kwargs, keywords, "PeftModel")
+        check_new_name(adapter_name, ())
         if not isinstance(base_model, nnx.Module):
             raise NotAModuleError(
                 f"PeftModel wraps Flax NNX modules; got {type(base_model).__module__}."
@@ -148,6 +152,10 @@ class PeftModel(nnx.Module):
             )
         self.config = config
         self.model = inject(base_model, config, sample_args, sample_kwargs, rngs)
+        targets = vars(self.model)[PROVIDER_ATTRIBUTE].targets
+        self._entries = (Entry(DEFAULT_ADAPTER, config, targets),)
+        self._rename(adapter_name)
+        self._remember_samples(sample_args, sample_kwargs)
         # Made False by loading for inference (load_adapter, from_pretrained): see trainable_filter.
         self._trainable = True
 
@@ -182,7 +190,11 @@ class PeftModel(nnx.Module):
         :meth:`from_pretrained` or :meth:`load_safetensors`) nothing is
         trainable, and this is ``nnx.Nothing()``.
         """
-        return AdapterParam if self._trainable else nnx.Nothing()
+        if not self._trainable:
+            return nnx.Nothing()
+        if len(self._entries) == 1 and self.active_adapters:
+            return AdapterParam
+        return nnx.All(AdapterParam, OfAdapters(self.active_adapters))
 
     def adapters(self) -> list[AdapterInfo]:
         """Every adapted weight: module path (relative to ``self.model``), name and shapes."""
@@ -294,8 +306,10 @@ class PeftModel(nnx.Module):
         """Prints the per-target table and the trainable fraction."""
         print(self.trainable_parameters().format())
 
-    def merge_and_unload(self, *, dtype: Any = None) -> nnx.Module:
-        """A plain model of the base model's class with every adapter folded into its weight.
+    def merge_and_unload(
+        self, *, dtype: Any = None, adapter_names: Sequence[str] | None = None
+    ) -> nnx.Module:
+        """A plain model of the base model's class with the adapters folded into its weights.
 
         Each adapted weight becomes ``W + (alpha / rank) * delta``, ``delta``
         being ``A @ B`` laid out like ``W``, so the result computes what this
@@ -307,6 +321,8 @@ class PeftModel(nnx.Module):
                 own dtype; a QLoRA weight is dequantized, into the dtype of its
                 quantization scale (the dtype it had before quantization)
                 unless ``dtype`` says otherwise.
+            adapter_names: The adapters to fold in (their updates add up); ``None``:
+                the active ones (:attr:`active_adapters`). The others are dropped.
 
         Returns:
             An ``nnx.Module`` of the base model's class and structure: no
@@ -318,6 +334,7 @@ class PeftModel(nnx.Module):
                 weight change (a grouped convolution, or a weight the module
                 transforms before its matmul).
             AdapterStateError: Called inside ``disable_adapter()``.
+            AdapterNameError: A name in ``adapter_names`` is unknown.
 
         Example:
             >>> import jax.numpy as jnp
@@ -330,7 +347,10 @@ class PeftModel(nnx.Module):
             >>> type(plain) is nnx.Linear
             True
         """
-        return _merging.merge_and_unload(self.model, dtype=dtype)
+        names = None
+        if adapter_names is not None:
+            names = resolve(adapter_names, self.adapter_names, "merge_and_unload")
+        return _merging.merge_and_unload(self.model, dtype=dtype, names=names)
 
     @property
     def merged(self) -> bool:
@@ -400,7 +420,13 @@ class PeftModel(nnx.Module):
 
     # --- Checkpoints: nnx_peft/_checkpoint.py (Orbax), nnx_peft/_safetensors.py ---
 
-    def save_adapter(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+    def save_adapter(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        overwrite: bool = False,
+        adapter_name: str | None = None,
+    ) -> None:
         """Saves the adapter weights and their JSON description with Orbax, atomically.
 
         ``path`` becomes an Orbax ``CheckpointManager`` directory with one step.
@@ -416,8 +442,12 @@ class PeftModel(nnx.Module):
             overwrite: Replace an adapter checkpoint already at ``path``. The new
                 one is complete on disk before the old one is deleted, so an
                 interrupted save leaves the old one loadable.
+            adapter_name: The adapter to save, with its own config; ``None``: the
+                model's only one. A checkpoint holds one adapter, whatever its name.
 
         Raises:
+            AdapterNameError: ``adapter_name`` is unknown, or ``None`` while the model
+                has several adapters.
             CheckpointExistsError: ``path`` holds a checkpoint and ``overwrite``
                 is False; or ``path`` is a file or a directory with other
                 content, which is never replaced.
@@ -439,10 +469,16 @@ class PeftModel(nnx.Module):
             True
             >>> tmp.cleanup()
         """
-        _checkpoint.save_adapter(self, path, overwrite=overwrite)
+        with self._only(adapter_name, "save_adapter"):
+            _checkpoint.save_adapter(self, path, overwrite=overwrite)
 
     def load_adapter(
-        self, path: str | os.PathLike[str], *, step: int | None = None, trainable: bool = False
+        self,
+        path: str | os.PathLike[str],
+        *,
+        step: int | None = None,
+        trainable: bool = False,
+        adapter_name: str | None = None,
     ) -> None:
         """Loads an adapter checkpoint into this wrapper, after checking all of it.
 
@@ -460,8 +496,12 @@ class PeftModel(nnx.Module):
                 adapters are frozen (:attr:`trainable_filter` selects nothing and
                 :meth:`make_optimizer` raises). ``True`` loads for further
                 training: ``self.train()``, adapters trainable.
+            adapter_name: The adapter to load into; ``None``: the model's only one. A
+                name the model has no adapter of adds one (:meth:`add_adapter`, with the
+                saved config and the wrapper's sample inputs), outside the active set.
 
         Raises:
+            AdapterNameError: ``adapter_name`` is ``None`` while the model has several.
             NotACheckpointError: No nnx_peft checkpoint, or no such step, at ``path``.
             CorruptCheckpointError: Its files are unreadable or malformed, or
                 fail their checksums.
@@ -471,7 +511,17 @@ class PeftModel(nnx.Module):
                 shape or dtype; the message lists their paths.
             AdapterStateError: The adapters are merged; unmerge them first.
         """
-        _checkpoint.load_adapter(self, path, step=step)
+        added = adapter_name is not None and adapter_name not in self.adapter_names
+        if adapter_name is not None and added:
+            config = _checkpoint.saved_config(path, step)
+            self.add_adapter(adapter_name, config, rngs=nnx.Rngs(0))  # values loaded next
+        try:
+            with self._only(adapter_name, "load_adapter"):
+                _checkpoint.load_adapter(self, path, step=step)
+        except BaseException:
+            if adapter_name is not None and added:  # the model as it was
+                self.delete_adapter(adapter_name)
+            raise
         self._set_trainable(trainable)
 
     @classmethod
@@ -570,6 +620,7 @@ class PeftModel(nnx.Module):
         step: int | None = None,
         trainable: bool = False,
         sample_kwargs: Mapping[str, Any] | None = None,
+        adapter_name: str = DEFAULT_ADAPTER,
         **keywords: Any,
     ) -> PeftModel:
         """Wraps ``base_model`` with the config saved at ``path`` and loads the saved adapters.
@@ -591,6 +642,7 @@ class PeftModel(nnx.Module):
             sample_kwargs: Sample keyword inputs by name, as for
                 :class:`PeftModel` (``step``, ``trainable`` and ``rngs`` of the
                 model's own call go here).
+            adapter_name: The name of the loaded adapter in the new wrapper.
             **keywords: More sample keyword inputs.
 
         Returns:
@@ -606,9 +658,11 @@ class PeftModel(nnx.Module):
                 ``RngsError`` and ``SampleInputsError``).
         """
         sample_kwargs = sample_keywords(sample_kwargs, keywords, "PeftModel.from_pretrained")
+        check_new_name(adapter_name, ())
         model = _checkpoint.from_pretrained(
             cls, base_model, path, sample_args, sample_kwargs, rngs=rngs, step=step
         )
+        model._rename(adapter_name)
         model._set_trainable(trainable)
         return model
 
@@ -662,6 +716,7 @@ class PeftModel(nnx.Module):
             100
             >>> tmp.cleanup()
         """
+        self._require_one_adapter("save_training_checkpoint")
         return _checkpoint.save_training_checkpoint(self, manager, step, optimizer)
 
     def restore_training_checkpoint(
@@ -696,9 +751,16 @@ class PeftModel(nnx.Module):
                 transformation shows as mismatched ``optimizer`` arrays.
             AdapterStateError: As for :meth:`load_adapter`.
         """
+        self._require_one_adapter("restore_training_checkpoint")
         return _checkpoint.restore_training_checkpoint(self, manager, optimizer, step=step)
 
-    def save_safetensors(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+    def save_safetensors(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        overwrite: bool = False,
+        adapter_name: str | None = None,
+    ) -> None:
         """Exports the adapter weights to one safetensors file, for tools outside JAX.
 
         Tensors are keyed by variable path relative to ``self.model`` (e.g.
@@ -712,6 +774,7 @@ class PeftModel(nnx.Module):
         Args:
             path: The file to write.
             overwrite: Replace an existing file at ``path``.
+            adapter_name: The adapter to export; ``None``: the model's only one.
 
         Raises:
             MissingDependencyError: safetensors is not installed.
@@ -731,9 +794,16 @@ class PeftModel(nnx.Module):
             >>> model.load_safetensors(f"{tmp.name}/adapter.safetensors", trainable=True)
             >>> tmp.cleanup()
         """
-        _safetensors.save_safetensors(self, path, overwrite=overwrite)
+        with self._only(adapter_name, "save_safetensors"):
+            _safetensors.save_safetensors(self, path, overwrite=overwrite)
 
-    def load_safetensors(self, path: str | os.PathLike[str], *, trainable: bool = False) -> None:
+    def load_safetensors(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        trainable: bool = False,
+        adapter_name: str | None = None,
+    ) -> None:
         """Loads adapter weights from a safetensors file, after checking all of it.
 
         Keys, shapes and dtypes must match this model's adapters exactly. A
@@ -746,6 +816,7 @@ class PeftModel(nnx.Module):
             path: The safetensors file.
             trainable: ``False`` loads for inference, ``True`` for further
                 training; see :meth:`load_adapter`.
+            adapter_name: The adapter to load into; ``None``: the model's only one.
 
         Raises:
             MissingDependencyError: safetensors is not installed.
@@ -755,7 +826,8 @@ class PeftModel(nnx.Module):
             ConfigMismatchError, CheckpointMismatchError, AdapterStateError:
                 As for :meth:`load_adapter`.
         """
-        _safetensors.load_safetensors(self, path)
+        with self._only(adapter_name, "load_safetensors"):
+            _safetensors.load_safetensors(self, path)
         self._set_trainable(trainable)
 
     # --- Hugging Face PEFT folders: nnx_peft/_hf_peft.py ---
@@ -847,6 +919,7 @@ class PeftModel(nnx.Module):
         *,
         module_map: _hf_peft.ModuleMap,
         overwrite: bool = False,
+        adapter_name: str | None = None,
     ) -> None:
         """Exports the adapters as a Hugging Face PEFT folder, atomically.
 
@@ -862,6 +935,7 @@ class PeftModel(nnx.Module):
             path: The folder to write.
             module_map: NNX module path to PEFT module name; see :meth:`from_hf_peft`.
             overwrite: Replace a PEFT adapter folder already at ``path``.
+            adapter_name: The adapter to export; ``None``: the model's only one.
 
         Raises:
             HfTensorPlacementError: ``module_map`` names no PEFT module for an
@@ -875,7 +949,8 @@ class PeftModel(nnx.Module):
             MissingDependencyError: safetensors is not installed.
             ShardingError: Some adapter is spread over several hosts' devices.
         """
-        _hf_peft.save_hf_peft(self, path, module_map=module_map, overwrite=overwrite)
+        with self._only(adapter_name, "save_hf_peft"):
+            _hf_peft.save_hf_peft(self, path, module_map=module_map, overwrite=overwrite)
 
     def _set_trainable(self, trainable: bool) -> None:
         """Unfreezes the adapters and sets training mode, or freezes them and sets eval mode."""

@@ -44,7 +44,6 @@ from nnx_peft import (
     _stacked_adapters,
     _stacks,
 )
-from nnx_peft._adapter import Adapter
 from nnx_peft._errors import QuantizationError, UnsupportedLayerError
 from nnx_peft._factors import Subscripts
 from nnx_peft._layout import CallRecord, LoraLayout
@@ -201,13 +200,13 @@ class PeftLoraProvider(RawProducts, Lookups, qwix.PtqProvider):
         layout: LoraLayout,
         sub: Subscripts,
         operand: Any,
-    ) -> tuple[jax.Array, jax.Array] | None:
-        """``(A, B)``, or ``None`` when this call created the adapter or left it pending (in
-        a transformed copy of a module): either way its update is zero for this call."""
+    ) -> bool:
+        """Whether this call created the adapter, or left it pending (in a transformed copy
+        of a module): either way its update is zero for this call."""
         module = get_current_module()
         args = (name, rule, spec, shapes, layout, sub, operand)
-        if Adapter("", module, name).exists:  # every call but the first
-            return _adapter_ops.adapter(*args)
+        if _adapter_ops.has_adapter(module, name):  # every call but the first
+            return False
         owner = self._owner()
         if owner is not None:
             quantize = self._quantize_later.get((_here(), name))
@@ -215,18 +214,17 @@ class PeftLoraProvider(RawProducts, Lookups, qwix.PtqProvider):
                 owner, name, rule, spec, shapes, layout, sub, quantize
             )
             self._pending[(later.path, name)] = later
-            return None
+            return True
         try:
             setattr(module, QWIX_RNGS, self._rngs)  # lent for creating the adapter
         except flax.errors.TraceContextError as error:
             raise _adapter_ops.traced_weight_error(name) from error
         try:
-            made = _adapter_ops.adapter(*args)
-            if made is None:
-                _adapter_ops.dropout_layer(name, rule)
+            _adapter_ops.adapter(*args)
+            _adapter_ops.dropout_layer(name, rule)
         finally:
             setattr(module, QWIX_RNGS, None)
-        return made
+        return True
 
     # --- The intercepted functions --------------------------------------------------------
 
@@ -280,8 +278,13 @@ class PeftLoraProvider(RawProducts, Lookups, qwix.PtqProvider):
         shapes = _products.dot_general_factors(tuple(rhs.shape), dimension_numbers, spec.rank)
         layout = LoraLayout("dot_general", contracting=tuple(rhs_ca), batch=tuple(rhs_ba))
         adapter = self._adapter(weight_name, rule, spec, shapes, layout, sub, rhs)
-        update = _delta.dot_general_update(
-            sub, lhs.ndim, dimension_numbers, tuple(rhs.shape), spec.scale, precision=precision
+        update = functools.partial(
+            _delta.dot_general_update,
+            sub,
+            lhs.ndim,
+            dimension_numbers,
+            tuple(rhs.shape),
+            precision=precision,
         )
         template = _factors.dot_general_output(sub, res.ndim)
         return _adapter_ops.add_update(res, weight_name, rule, lhs, rhs, adapter, update, template)
@@ -324,7 +327,7 @@ class PeftLoraProvider(RawProducts, Lookups, qwix.PtqProvider):
         sub = _factors.einsum_subscripts(lora_einsum_str, info.rhs, info.out)
         layout = LoraLayout("einsum", einsum_str=lora_einsum_str, weight_str=info.rhs)
         adapter = self._adapter(weight_name, rule, spec, shapes, layout, sub, rhs)
-        update = _delta.einsum_update(lora_einsum_str, spec.scale, **kwargs)
+        update = functools.partial(_delta.einsum_update, lora_einsum_str, **kwargs)
         template = _factors.einsum_output(sub, info.out)
         return _adapter_ops.add_update(res, weight_name, rule, lhs, rhs, adapter, update, template)
 
@@ -390,11 +393,14 @@ class PeftLoraProvider(RawProducts, Lookups, qwix.PtqProvider):
         )
         adapter = self._adapter(weight_name, rule, spec, shapes, layout, sub, rhs)
 
-        def update(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array) -> jax.Array:
-            projected = jax.lax.conv_general_dilated(
-                x, lora_a, window_strides, padding, dimension_numbers=numbers, **conv_kwargs
-            )
-            return (projected @ lora_b) * spec.scale
+        def update(scale: float) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+            def scaled(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array) -> jax.Array:
+                projected = jax.lax.conv_general_dilated(
+                    x, lora_a, window_strides, padding, dimension_numbers=numbers, **conv_kwargs
+                )
+                return (projected @ lora_b) * scale
+
+            return scaled
 
         template = _factors.conv_output(sub, res.ndim)
         return _adapter_ops.add_update(res, weight_name, rule, lhs, rhs, adapter, update, template)
