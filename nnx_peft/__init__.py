@@ -1,9 +1,11 @@
 """nnx_peft: LoRA-family fine-tuning for any Flax NNX model, on top of Qwix."""
 
 from nnx_peft._adapter import AdapterInfo as AdapterInfo
+from nnx_peft._adapter import OfAdapters as OfAdapters
 from nnx_peft._config import INIT_METHODS as INIT_METHODS
 from nnx_peft._config import WEIGHT_QTYPES as WEIGHT_QTYPES
 from nnx_peft._config import LoraConfig as LoraConfig
+from nnx_peft._errors import AdapterIdsError as AdapterIdsError
 from nnx_peft._errors import AdapterNameError as AdapterNameError
 from nnx_peft._errors import AdapterStateError as AdapterStateError
 from nnx_peft._errors import AddedAdapterError as AddedAdapterError
@@ -60,6 +62,7 @@ __all__ = [
     "FROZEN_PARAMS",
     "INIT_METHODS",
     "WEIGHT_QTYPES",
+    "AdapterIdsError",
     "AdapterInfo",
     "AdapterNameError",
     "AdapterParam",
@@ -87,6 +90,7 @@ __all__ = [
     "NotACheckpointError",
     "NotAModuleError",
     "NothingTrainableError",
+    "OfAdapters",
     "OptimizerError",
     "ParameterSummary",
     "PeftError",

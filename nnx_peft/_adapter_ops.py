@@ -28,13 +28,19 @@ from typing import Any
 
 import flax.errors
 import jax
+import jax.numpy as jnp
 import qwix
 from flax import nnx
 
 from nnx_peft import _embedding, _quantized, _qwix_internals, _sharding
 from nnx_peft._adapter import Adapter, adapters_of
 from nnx_peft._adapter_state import AdapterState, refuse_adapter_gradients
-from nnx_peft._errors import AdapterStateError, UnreachedTargetError, UnsupportedLayerError
+from nnx_peft._errors import (
+    AdapterIdsError,
+    AdapterStateError,
+    UnreachedTargetError,
+    UnsupportedLayerError,
+)
 from nnx_peft._factors import Subscripts
 from nnx_peft._layout import LoraLayout
 from nnx_peft._parts import (
@@ -113,6 +119,12 @@ def multiplies_lookup_table(weight_name: str | None, operand: Any, traced: bool)
     return False
 
 
+#: A call with one adapter per example (``PeftModel.__call__(..., adapter_ids=...)``), while
+#: it runs: ``PER_EXAMPLE.ids`` the adapter index of each example of the batch,
+#: ``PER_EXAMPLE.names`` the adapter names they index.
+PER_EXAMPLE = threading.local()
+
+
 def has_adapter(module: nnx.Module, weight_name: str) -> bool:
     """Whether the weight ``weight_name`` of ``module`` has an adapter, of any name."""
     return any(adapter.weight == weight_name for adapter in adapters_of("", module))
@@ -154,6 +166,9 @@ def add_update(
         return res
     found = [a for a in adapters_of(module_path(), module) if a.weight == weight_name]
     compute = _compute_dtype(lhs, operand)
+    ids = getattr(PER_EXAMPLE, "ids", None)
+    if ids is not None:
+        return _add_per_example(found, res, lhs, ids, PER_EXAMPLE.names, update, compute)
 
     def cast_update(parts: Adapter, x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
         # In the layer's compute dtype, then in the base output's: the adapted
@@ -183,6 +198,102 @@ def add_update(
                 parts, lhs, initial[0].get_value(), initial[1].get_value()
             )
     return adapted
+
+
+def _add_per_example(
+    found: list[Adapter],
+    res: jax.Array,
+    lhs: jax.Array,
+    ids: jax.Array,
+    names: tuple[str, ...],
+    update: Callable[[float], Callable[[jax.Array, jax.Array, jax.Array], jax.Array]],
+    compute: Any,
+) -> jax.Array:
+    """``res`` plus, for each example ``i`` of the batch, the update of adapter
+    ``names[ids[i]]`` (none where that adapter does not adapt this weight).
+
+    The factors of all adapters are stacked (ranks padded with zeros, each scale folded
+    into its ``B``), gathered per example, and the update is taken once, vectorized over
+    the batch: one batched product, whatever the number of adapters.
+
+    Raises:
+        AdapterIdsError: The matmul's input does not lead with the batch axis of
+            ``adapter_ids``; an adapter is merged, a DoRA adapter, or an embedding lookup;
+            or dropout is on (``model.train()``).
+    """
+    if not found:
+        return res
+    where = f"the weight {found[0].weight!r} of module {module_path()!r}"
+    if any(a.state is AdapterState.DISABLED for a in found):
+        return res  # inside disable_adapter(): the base model
+    for parts in found:
+        problem = None
+        if parts.state is AdapterState.MERGED:
+            problem = "is merged into the base weights (call unmerge_adapter() first)"
+        elif parts.layout.update.extra_suffixes:
+            problem = f"is a {parts.layout.update.name!r} adapter, whose update rescales the output"
+        elif parts.layout.lookup:
+            problem = "adapts an embedding lookup"
+        elif parts.dropout is not None and not parts.dropout.deterministic:
+            problem = "has dropout on (call model.eval() to serve)"
+        if problem is not None:
+            raise AdapterIdsError(
+                f"A call with adapter_ids reached {where}, whose adapter {parts.adapter!r} "
+                f"{problem}; per-example adapters serve plain LoRA adapters of matmuls, "
+                "unmerged, in evaluation mode. Call the model with one active adapter instead "
+                "(model.set_adapter(name))."
+            )
+    if jnp.ndim(lhs) == 0 or lhs.shape[0] != ids.shape[0]:
+        raise AdapterIdsError(
+            f"A call with adapter_ids of {ids.shape[0]} entries reached {where}, whose input "
+            f"has shape {tuple(jnp.shape(lhs))}: per-example adapters need the batch as the "
+            "leading axis of every adapted matmul's input. Give one id per example of the "
+            "batch, or call the model with one active adapter (model.set_adapter(name))."
+        )
+    by_name = {parts.adapter: parts for parts in found}
+    shapes = [tuple(jnp.shape(f)) for n in names if n in by_name for f in _factors_of(by_name[n])]
+    a_shapes, b_shapes = shapes[::2], shapes[1::2]
+    a_shape, b_shape = _padded(a_shapes, where), _padded(b_shapes, where)
+
+    def factors(name: str) -> tuple[jax.Array, jax.Array]:
+        parts = by_name.get(name)
+        if parts is None:  # this adapter leaves the weight as it is
+            return jnp.zeros(a_shape, compute), jnp.zeros(b_shape, compute)
+        a, b = (f.astype(compute) for f in _factors_of(parts))
+        b = b * jnp.asarray(parts.layout.scale, compute)
+        return _pad(a, a_shape), _pad(b, b_shape)
+
+    stacked = [factors(name) for name in names]
+    a_all = jnp.stack([a for a, _ in stacked])
+    b_all = jnp.stack([b for _, b in stacked])
+    # Out-of-range ids give NaN rows (JAX cannot raise inside a compiled call): never a
+    # silently wrong adapter. Eager calls are checked before this (``PeftModel.__call__``).
+    a_each = jnp.take(a_all, ids, axis=0, mode="fill", fill_value=jnp.nan)
+    b_each = jnp.take(b_all, ids, axis=0, mode="fill", fill_value=jnp.nan)
+    unscaled = update(1.0)
+
+    def one(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+        return unscaled(x[None].astype(compute), a, b)[0]
+
+    return res + jax.vmap(one)(lhs, a_each, b_each).astype(res.dtype)
+
+
+def _padded(shapes: list[tuple[int, ...]], where: str) -> tuple[int, ...]:
+    """The shape holding every one of ``shapes`` (one factor of several adapters of one
+    weight, which differ in their rank axis only)."""
+    padded = tuple(max(sizes) for sizes in zip(*shapes, strict=True))
+    if sum(any(s[i] != padded[i] for s in shapes) for i in range(len(padded))) > 1:
+        raise AdapterIdsError(
+            f"The adapters of {where} have factors of shapes {shapes}, which differ in more "
+            "than their rank; a per-example call cannot stack them. Call the model with one "
+            "active adapter (model.set_adapter(name))."
+        )
+    return padded
+
+
+def _pad(factor: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """``factor`` padded with zeros to ``shape`` (a larger rank adds nothing)."""
+    return jnp.pad(factor, [(0, n - m) for m, n in zip(factor.shape, shape, strict=True)])
 
 
 def _factors_of(parts: Adapter) -> tuple[jax.Array, jax.Array]:

@@ -90,6 +90,11 @@ class AddedAdapterError(ConfigError):
     its config, or theirs, asks for something several adapters cannot share."""
 
 
+class AdapterIdsError(PeftError, ValueError):
+    """A call with one adapter per example (``adapter_ids``) that cannot be served: ids of
+    the wrong shape or out of range, or an adapter such a call cannot batch."""
+
+
 class OptimizerError(PeftError, TypeError):
     """A training checkpoint is saved or restored without an ``nnx.Optimizer``."""
 

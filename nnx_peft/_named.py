@@ -22,13 +22,18 @@ import weakref
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from nnx_peft import _merging, _saved_modules
 from nnx_peft._adapter import Adapter, adapters, adapters_of
+from nnx_peft._adapter_ops import PER_EXAMPLE
 from nnx_peft._adapter_state import AdapterState
 from nnx_peft._config import LoraConfig
 from nnx_peft._errors import (
+    AdapterIdsError,
     AdapterNameError,
     AdapterStateError,
     AddedAdapterError,
@@ -191,6 +196,42 @@ def isolate(model: nnx.Module, name: str) -> Iterator[None]:
             adapter.rename(name)
         for adapter, parts in hidden:
             adapter.attach(parts)
+
+
+def per_example(
+    model: nnx.Module,
+    names: tuple[str, ...],
+    ids: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """``model(*args, **kwargs)`` with example ``i`` of the batch using the adapter
+    ``names[ids[i]]`` alone (``_adapter_ops.add_update`` batches them).
+
+    Raises:
+        AdapterIdsError: ``ids`` is not a vector of integers, or (when concrete) holds an
+            index out of range.
+    """
+    ids = jnp.asarray(ids)
+    if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise AdapterIdsError(
+            "adapter_ids takes one integer per example of the batch, an index into "
+            f"model.adapter_names {list(names)}; got an array of shape {ids.shape} and "
+            f"dtype {ids.dtype}. Example: adapter_ids=jnp.array([0, 1, 1, 0])."
+        )
+    if not isinstance(ids, jax.core.Tracer):
+        bad = [int(i) for i in np.asarray(ids) if not 0 <= i < len(names)]
+        if bad:
+            raise AdapterIdsError(
+                f"adapter_ids holds {bad}, out of range for the {len(names)} adapters "
+                f"{list(names)}: each id must be in [0, {len(names)})."
+            )
+    saved = getattr(PER_EXAMPLE, "ids", None), getattr(PER_EXAMPLE, "names", None)
+    PER_EXAMPLE.ids, PER_EXAMPLE.names = ids, names
+    try:
+        return model(*args, **kwargs)
+    finally:
+        PER_EXAMPLE.ids, PER_EXAMPLE.names = saved
 
 
 def rename_all(model: nnx.Module, old: str, new: str) -> None:

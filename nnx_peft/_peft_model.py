@@ -17,6 +17,7 @@ from nnx_peft import (
     _checkpoint,
     _hf_peft,
     _merging,
+    _named,
     _resharding,
     _safetensors,
     _sharding,
@@ -159,9 +160,26 @@ class PeftModel(NamedAdapters, nnx.Module):
         # Made False by loading for inference (load_adapter, from_pretrained): see trainable_filter.
         self._trainable = True
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Runs the adapted model."""
-        return self.model(*args, **kwargs)
+    def __call__(self, *args: Any, adapter_ids: Any = None, **kwargs: Any) -> Any:
+        """Runs the adapted model.
+
+        Args:
+            *args: The model's inputs.
+            adapter_ids: ``None`` runs the active adapters. Otherwise one integer per
+                example of the batch (the leading axis of the inputs), an index into
+                :attr:`adapter_names`: each example runs with that adapter alone, active
+                or not, in one call that batches them all (see
+                ``docs/named-adapters.md``). Under ``jax.jit`` an index out of range
+                gives NaN outputs for its example; called eagerly, it raises.
+            **kwargs: The model's keyword inputs.
+
+        Raises:
+            AdapterIdsError: ``adapter_ids`` is not a vector of integers, an index is out
+                of range (eager calls), or an adapter it reaches cannot be batched so.
+        """
+        if adapter_ids is None:
+            return self.model(*args, **kwargs)
+        return _named.per_example(self.model, self.adapter_names, adapter_ids, args, kwargs)
 
     def __getattr__(self, name: str) -> Any:
         """Attributes the wrapper lacks come from the adapted model, as in HF PEFT.

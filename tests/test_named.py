@@ -373,3 +373,49 @@ def test_qlora_adapters_share_the_quantized_base() -> None:
     with pytest.raises(nnx_peft.AddedAdapterError, match=re.escape("holds in float")):
         narrow.add_adapter("other", config, rngs=nnx.Rngs(2))
     assert narrow.adapter_names == ("default",)
+
+
+# --- One adapter per example ------------------------------------------------------------------
+
+
+@given(two=two_cases(), data=st.data())
+def test_each_example_runs_with_its_own_adapter(two: TwoCase, data: st.DataObject) -> None:
+    model = _two(two)
+    model.add_adapter("third", dataclasses.replace(two.other, rank=6), rngs=nnx.Rngs(3))
+    _randomize(model, "third", 30)
+    batch = data.draw(st.integers(1, 4))
+    ids = jnp.array(data.draw(st.lists(st.integers(0, 2), min_size=batch, max_size=batch)))
+    x = two.case.sample(batch=batch, seed=8)
+    mixed = model(x, adapter_ids=ids)
+    jitted = nnx.jit(lambda model, x, ids: model(x, adapter_ids=ids))(model, x, ids)
+    for row, index in enumerate(np.asarray(ids)):
+        model.set_adapter(model.adapter_names[index])
+        alone = model(x[row : row + 1])[0]
+        scale = float(jnp.abs(alone).max()) + 1.0
+        np.testing.assert_allclose(mixed[row], alone, atol=1e-6 * scale, rtol=0)
+        np.testing.assert_allclose(jitted[row], alone, atol=1e-6 * scale, rtol=0)
+    with model.disable_adapter():
+        np.testing.assert_array_equal(model(x, adapter_ids=ids), model(x))
+
+
+def test_adapter_ids_that_cannot_be_served_are_refused() -> None:
+    model = _model()
+    model.add_adapter("other", _CONFIG, rngs=nnx.Rngs(2))
+    x = jnp.ones((2, 4))
+    with pytest.raises(nnx_peft.AdapterIdsError, match="one integer per example"):
+        model(x, adapter_ids=jnp.zeros((2, 1), jnp.int32))
+    with pytest.raises(nnx_peft.AdapterIdsError, match="one integer per example"):
+        model(x, adapter_ids=jnp.zeros((2,)))
+    with pytest.raises(nnx_peft.AdapterIdsError, match=r"holds \[2\], out of range"):
+        model(x, adapter_ids=jnp.array([0, 2]))
+    with pytest.raises(nnx_peft.AdapterIdsError, match=r"of 3 entries reached .* shape \(2, 4\)"):
+        model(x, adapter_ids=jnp.array([0, 1, 1]))
+    jitted = nnx.jit(lambda model, x, ids: model(x, adapter_ids=ids))
+    out = np.asarray(jitted(model, x, jnp.array([0, 7])))
+    assert not np.isnan(out[0]).any() and np.isnan(out[1]).all()  # never a wrong adapter
+    model.add_adapter("dora", dataclasses.replace(_CONFIG, use_dora=True), rngs=nnx.Rngs(3))
+    with pytest.raises(nnx_peft.AdapterIdsError, match="'dora' is a 'dora' adapter"):
+        model(x, adapter_ids=jnp.array([0, 2]))
+    model.merge_adapter()
+    with pytest.raises(nnx_peft.AdapterIdsError, match="is merged"):
+        model(x, adapter_ids=jnp.array([0, 1]))
