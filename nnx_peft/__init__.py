@@ -45,6 +45,7 @@ from nnx_peft._errors import UnmergeableAdapterError as UnmergeableAdapterError
 from nnx_peft._errors import UnreachedTargetError as UnreachedTargetError
 from nnx_peft._errors import UnsupportedLayerError as UnsupportedLayerError
 from nnx_peft._errors import UnsupportedPeftFieldError as UnsupportedPeftFieldError
+from nnx_peft._errors import WeightedAdapterError as WeightedAdapterError
 from nnx_peft._peft_model import PeftModel as PeftModel
 from nnx_peft._peft_model import merge as merge
 from nnx_peft._planning import bytes_per_device as bytes_per_device
@@ -111,6 +112,7 @@ __all__ = [
     "UnreachedTargetError",
     "UnsupportedLayerError",
     "UnsupportedPeftFieldError",
+    "WeightedAdapterError",
     "bytes_per_device",
     "inspect_targets",
     "merge",

@@ -90,6 +90,11 @@ class AddedAdapterError(ConfigError):
     its config, or theirs, asks for something several adapters cannot share."""
 
 
+class WeightedAdapterError(PeftError, ValueError):
+    """Adapters cannot be combined as asked (``PeftModel.add_weighted_adapter``): an unknown
+    combination type, weights that do not fit, or adapters that type cannot combine."""
+
+
 class AdapterIdsError(PeftError, ValueError):
     """A call with one adapter per example (``adapter_ids``) that cannot be served: ids of
     the wrong shape or out of range, or an adapter such a call cannot batch."""

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nnx_peft import _merging, _saved_modules
+from nnx_peft import _adapter, _combination, _merging, _saved_modules
 from nnx_peft._adapter import Adapter, adapters, adapters_of
 from nnx_peft._adapter_ops import PER_EXAMPLE
 from nnx_peft._adapter_state import AdapterState
@@ -358,6 +358,97 @@ class NamedAdapters:
         transplant(adapted, self.model, adapter_name)
         self._entries = (*self._entries, Entry(adapter_name, config, key.targets))
         self._settle()
+
+    def add_weighted_adapter(
+        self,
+        adapters: Sequence[str],
+        weights: Sequence[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        *,
+        svd_rank: int | None = None,
+        sample_args: Sequence[Any] = (),
+        sample_kwargs: Mapping[str, Any] | None = None,
+    ) -> dict[str, float]:
+        """Adds ``adapter_name``, a combination of the ``adapters`` with ``weights``.
+
+        In HF PEFT's names and meanings (``c_i`` is ``weights[i]`` times that adapter's
+        scale, ``alpha / rank``):
+
+        - ``'cat'``: the factors joined along the rank (the ranks add up); its update is
+          ``sum_i c_i A_i @ B_i`` exactly;
+        - ``'linear'``: ``A = sum_i sqrt(c_i) A_i``, ``B = sum_i sqrt(c_i) B_i``, for
+          adapters of equal ranks on the same weights; its update holds cross terms
+          ``sqrt(c_i c_j) A_i @ B_j`` as HF PEFT's does;
+        - ``'svd'`` (the default, as in HF PEFT): the best rank-``svd_rank``
+          approximation of ``sum_i c_i A_i @ B_i``, weight by weight.
+
+        The new adapter targets the modules any of them adapts, with scale 1
+        (``alpha = rank``); like :meth:`add_adapter`'s, it starts outside the active set.
+
+        Args:
+            adapters: Names of the plain LoRA adapters to combine.
+            weights: One real weight per adapter (``>= 0`` for ``'linear'``).
+            adapter_name: The new adapter's name.
+            combination_type: ``'cat'``, ``'linear'`` or ``'svd'``.
+            svd_rank: The rank of an ``'svd'`` combination; by default the largest rank
+                of the adapters combined.
+            sample_args: Sample inputs for the call that creates the adapter; empty: the
+                wrapper's (as for :meth:`add_adapter`).
+            sample_kwargs: Sample keyword inputs by name.
+
+        Returns:
+            For each adapted weight (``'<module path>/<weight>'``), the relative Frobenius
+            distance between the new update and ``sum_i c_i A_i @ B_i``: 0 up to rounding
+            for ``'cat'`` (and for ``'svd'`` at a rank as large as that sum's), the
+            truncation error for ``'svd'``, the cross terms for ``'linear'``.
+
+        Raises:
+            AdapterNameError: A name combined is unknown or given twice, or the new name is
+                invalid or taken.
+            WeightedAdapterError: The combination type is unknown; the weights are not one
+                finite real number per adapter; an adapter is a DoRA adapter or adapts a
+                grouped convolution; or, for ``'linear'``, a weight is negative or the
+                adapters differ in targets or ranks.
+            AdapterStateError: The adapters are merged or disabled.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from flax import nnx
+            >>> import nnx_peft
+            >>> base = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+            >>> config = nnx_peft.LoraConfig(rank=2, alpha=4.0, target=".*")
+            >>> model = nnx_peft.PeftModel(base, config, jnp.ones((1, 4)), rngs=nnx.Rngs(1))
+            >>> model.add_adapter("other", config, rngs=nnx.Rngs(2))
+            >>> errors = model.add_weighted_adapter(
+            ...     ["default", "other"], [0.5, 0.5], "both", combination_type="cat"
+            ... )
+            >>> model.peft_config["both"].rank, list(errors)
+            (4, ['kernel'])
+        """
+        names = resolve(adapters, self.adapter_names, "add_weighted_adapter")
+        check_new_name(adapter_name, self.adapter_names)
+        floats = _combination.check_weights(weights, len(names), combination_type)
+        svd_rank = _combination.check_svd_rank(svd_rank, combination_type)
+        self._require_plain("add_weighted_adapter()")
+        found = _combination.sources(self.model, names, floats, combination_type)
+        new_ranks = _combination.ranks(found, combination_type, svd_rank)
+        first = next(e.config for e in self._entries if e.name == names[0])
+        config = _combination.config(first, found, new_ranks)
+        self.add_adapter(
+            adapter_name, config, *sample_args, rngs=nnx.Rngs(0), sample_kwargs=sample_kwargs
+        )
+        made = {(a.path, a.weight): a for a in _adapter.adapters(self.model, {adapter_name})}
+        wanted = [(s.found[0].path, s.found[0].weight) for s in found]
+        if set(made) != set(wanted):  # one config targets modules, so whole modules
+            self.delete_adapter(adapter_name)
+            raise AssertionError(f"combined adapter of {sorted(made)}, expected {sorted(wanted)}")
+        return {
+            f"{path}/{weight}".lstrip("/"): _combination.fill(
+                made[path, weight], s, combination_type
+            )
+            for (path, weight), s in zip(wanted, found, strict=True)
+        }
 
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         """Makes ``adapter_name`` (one name, or several) the active set.
