@@ -24,6 +24,7 @@ names the spec.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -182,6 +183,22 @@ def test_wrapping_outside_the_mesh_block_uses_the_weights_mesh() -> None:
     optimizer = model.make_optimizer(optax.adam(1e-3))  # outside the block too
     mu = optimizer.opt_state[0].mu["model"]["proj"]["kernel_lora_b"]
     assert mu.get_value().sharding.spec == P(None, "tp")
+
+
+def test_added_and_combined_adapters_are_sharded_as_the_first() -> None:
+    """Adapters sharing a weight share its layout: each name's factors get the same specs."""
+    with jax.set_mesh(mesh_1x1()):
+        base = _Heads(("fsdp", None, "tp"), nnx.Rngs(0))
+        config = nnx_peft.LoraConfig(rank=2, alpha=4.0, target=".*")
+        model = nnx_peft.PeftModel(base, config, jnp.ones((1, 8)), rngs=nnx.Rngs(1))
+        model.add_adapter("other", dataclasses.replace(config, rank=3), rngs=nnx.Rngs(2))
+        model.add_weighted_adapter(["default", "other"], [1.0, 1.0], "both", "cat")
+    specs = _adapter_specs(model)
+    first = {k: v for k, v in specs.items() if "__" not in k}
+    for name in ("other", "both"):
+        assert {
+            k.removesuffix(f"__{name}"): v for k, v in specs.items() if k.endswith(name)
+        } == first
 
 
 def test_convolution_adapters_follow_the_kernel() -> None:
