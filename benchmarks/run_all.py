@@ -20,6 +20,7 @@ BENCHMARKS = (
     "bench_memory.py",
     "bench_checkpoint.py",
     "bench_scanned.py",
+    "bench_multi_adapter.py",
 )
 #: The benchmarks that parse ``_common.Sizes`` flags; the others take ``--smoke`` only.
 SIZED = {
@@ -28,6 +29,7 @@ SIZED = {
     "bench_merging.py",
     "bench_memory.py",
     "bench_scanned.py",
+    "bench_multi_adapter.py",
 }
 
 
