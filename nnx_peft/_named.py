@@ -206,7 +206,8 @@ def per_example(
     kwargs: dict[str, Any],
 ) -> Any:
     """``model(*args, **kwargs)`` with example ``i`` of the batch using the adapter
-    ``names[ids[i]]`` alone (``_adapter_ops.add_update`` batches them).
+    ``names[ids[i]]`` alone (``_adapter_ops.add_update`` batches them); inside
+    ``disable_adapter()``, every example runs the base model.
 
     Raises:
         AdapterIdsError: ``ids`` is not a vector of integers, or (when concrete) holds an
@@ -226,6 +227,11 @@ def per_example(
                 f"adapter_ids holds {bad}, out of range for the {len(names)} adapters "
                 f"{list(names)}: each id must be in [0, {len(names)})."
             )
+    if _merging.is_disabled(model):
+        # Inside disable_adapter() every example runs the base model. The adapters a module
+        # holds need not include the disabled (active) ones, so this is decided here, for
+        # the whole model, not module by module.
+        return model(*args, **kwargs)
     saved = getattr(PER_EXAMPLE, "ids", None), getattr(PER_EXAMPLE, "names", None)
     PER_EXAMPLE.ids, PER_EXAMPLE.names = ids, names
     try:

@@ -170,7 +170,8 @@ class PeftModel(NamedAdapters, nnx.Module):
                 :attr:`adapter_names`: each example runs with that adapter alone, active
                 or not, in one call that batches them all (see
                 ``docs/named-adapters.md``). Under ``jax.jit`` an index out of range
-                gives NaN outputs for its example; called eagerly, it raises.
+                gives NaN outputs for its example; called eagerly, it raises. Inside
+                :meth:`disable_adapter`, every example runs the base model.
             **kwargs: The model's keyword inputs.
 
         Raises:

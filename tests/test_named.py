@@ -398,6 +398,24 @@ def test_each_example_runs_with_its_own_adapter(two: TwoCase, data: st.DataObjec
         np.testing.assert_array_equal(model(x, adapter_ids=ids), model(x))
 
 
+def test_adapter_ids_inside_disable_adapter_run_the_base_model_everywhere() -> None:
+    """Found by the exploring CI profile: a module without the active (disabled) adapter,
+    holding only inactive ones, still added their per-example updates."""
+    base = nnx.Sequential(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 4, rngs=nnx.Rngs(1)))
+    config = nnx_peft.LoraConfig(rank=2, alpha=2.0, target="layers/1")
+    x = jax.random.normal(jax.random.key(0), (2, 4))
+    model = nnx_peft.PeftModel(base, config, x, rngs=nnx.Rngs(2))
+    model.add_adapter("both", dataclasses.replace(config, target=r"layers/\d"), rngs=nnx.Rngs(3))
+    _randomize(model, "default", 10)
+    _randomize(model, "both", 20)
+    ids = jnp.array([1, 0])
+    with model.disable_adapter():
+        np.testing.assert_array_equal(model(x, adapter_ids=ids), base(x))
+        with pytest.raises(nnx_peft.AdapterIdsError, match="out of range"):
+            model(x, adapter_ids=jnp.array([0, 2]))
+    assert not np.array_equal(model(x, adapter_ids=ids), base(x))
+
+
 def test_adapter_ids_that_cannot_be_served_are_refused() -> None:
     model = _model()
     model.add_adapter("other", _CONFIG, rngs=nnx.Rngs(2))
