@@ -223,9 +223,8 @@ def _add_per_example(
     """
     if not found:
         return res
+    # Inside disable_adapter() no per-example call reaches here (``_named.per_example``).
     where = f"the weight {found[0].weight!r} of module {module_path()!r}"
-    if any(a.state is AdapterState.DISABLED for a in found):
-        return res  # inside disable_adapter(): the base model
     for parts in found:
         problem = None
         if parts.state is AdapterState.MERGED:

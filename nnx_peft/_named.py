@@ -40,6 +40,7 @@ from nnx_peft._errors import (
     ConfigError,
     RngsError,
     SampleInputsError,
+    WeightedAdapterError,
 )
 from nnx_peft._injection import ProviderKey, inject, sample_keywords
 from nnx_peft._interception import PROVIDER_ATTRIBUTE, settle_classes, unwrap
@@ -414,8 +415,9 @@ class NamedAdapters:
                 invalid or taken.
             WeightedAdapterError: The combination type is unknown; the weights are not one
                 finite real number per adapter; an adapter is a DoRA adapter or adapts a
-                grouped convolution; or, for ``'linear'``, a weight is negative or the
-                adapters differ in targets or ranks.
+                grouped convolution; for ``'linear'``, a weight is negative or the adapters
+                differ in targets or ranks; the weights of one module would need different
+                ranks; or the sample call reaches other weights than the adapters adapt.
             AdapterStateError: The adapters are merged or disabled.
 
         Example:
@@ -446,9 +448,14 @@ class NamedAdapters:
         )
         made = {(a.path, a.weight): a for a in _adapter.adapters(self.model, {adapter_name})}
         wanted = [(s.found[0].path, s.found[0].weight) for s in found]
-        if set(made) != set(wanted):  # one config targets modules, so whole modules
+        if set(made) != set(wanted):  # the sample call reached other weights than theirs
             self.delete_adapter(adapter_name)
-            raise AssertionError(f"combined adapter of {sorted(made)}, expected {sorted(wanted)}")
+            raise WeightedAdapterError(
+                f"The combined adapter's sample call adapted the weights {sorted(made)}, and "
+                f"the adapters {list(names)} adapt {sorted(wanted)} (as (module path, weight)). "
+                "Pass sample inputs that reach every one of theirs: "
+                "add_weighted_adapter(..., sample_args=(x,))."
+            )
         return {
             f"{path}/{weight}".lstrip("/"): _combination.fill(
                 made[path, weight], s, combination_type

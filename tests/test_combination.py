@@ -252,3 +252,41 @@ def test_dora_adapters_the_taken_name_and_a_merged_model_are_refused() -> None:
     with pytest.raises(nnx_peft.AdapterStateError, match="unmerge"):
         model.add_weighted_adapter(["default"], [1], "new")
     assert model.adapter_names == ("default", "other", "dora")
+
+
+def test_a_grouped_convolution_is_refused() -> None:
+    base = nnx.Conv(4, 4, (3,), feature_group_count=2, rngs=nnx.Rngs(0))
+    config = nnx_peft.LoraConfig(rank=2, alpha=2.0, target=".*")
+    model = nnx_peft.PeftModel(base, config, jnp.ones((1, 5, 4)), rngs=nnx.Rngs(1))
+    with pytest.raises(nnx_peft.WeightedAdapterError, match="grouped convolution"):
+        model.add_weighted_adapter(["default"], [1.0], "new", combination_type="cat")
+    assert model.adapter_names == ("default",)
+
+
+class _Branching(nnx.Module):
+    """Multiplies by ``w2`` only for batches of more than one example."""
+
+    def __init__(self) -> None:
+        self.w1 = nnx.Param(jnp.eye(4))
+        self.w2 = nnx.Param(jnp.eye(4))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.w1
+        return y @ self.w2 if x.shape[0] > 1 else y
+
+
+def test_weights_of_one_module_reached_by_different_adapters() -> None:
+    """A module's weights adapted by different sets of adapters: ``'cat'`` would need two
+    ranks in one module, and a sample call reaching fewer weights would leave one out."""
+    config = nnx_peft.LoraConfig(rank=2, alpha=2.0, target=".*")
+    model = nnx_peft.PeftModel(_Branching(), config, jnp.ones((1, 4)), rngs=nnx.Rngs(0))
+    model.add_adapter("both", config, jnp.ones((2, 4)), rngs=nnx.Rngs(1))  # w1 and w2
+    with pytest.raises(nnx_peft.WeightedAdapterError, match=r"combined ranks differ \(4 and 2\)"):
+        model.add_weighted_adapter(["default", "both"], [1, 1], "new", combination_type="cat")
+    with pytest.raises(nnx_peft.WeightedAdapterError, match=r"sample_args=\(x,\)"):
+        model.add_weighted_adapter(["default", "both"], [1, 1], "new", combination_type="svd")
+    assert model.adapter_names == ("default", "both")
+    errors = model.add_weighted_adapter(
+        ["default", "both"], [1, 1], "new", "svd", sample_args=(jnp.ones((2, 4)),)
+    )
+    assert sorted(errors) == ["w1", "w2"]
