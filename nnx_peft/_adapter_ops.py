@@ -63,6 +63,15 @@ def module_path() -> str:
     return "/".join(map(str, _qwix_internals.get_current_module_path()))
 
 
+def base_weights(module: nnx.Module) -> dict[str, Any]:
+    """A module's own base weights by name: its ``nnx.Param`` (not adapters) and QLoRA weights."""
+    return {
+        name: value
+        for name, value in vars(module).items()
+        if isinstance(value, QuantizedWeight | nnx.Param) and not isinstance(value, AdapterParam)
+    }
+
+
 def find_weight(operand: Any, as_if_eager: bool) -> str | None:
     """The name of the current module's base weight that ``operand`` is, or ``None``.
 
@@ -76,12 +85,7 @@ def find_weight(operand: Any, as_if_eager: bool) -> str | None:
     shape match is redone among the base weights only. ``as_if_eager`` (a
     traced dry run) skips the match through unary operations, as eager calls do.
     """
-    module = _qwix_internals.get_current_module()
-    weights = {
-        name: value
-        for name, value in vars(module).items()
-        if isinstance(value, QuantizedWeight | nnx.Param) and not isinstance(value, AdapterParam)
-    }
+    weights = base_weights(_qwix_internals.get_current_module())
     if as_if_eager:
         name = next((n for n, v in weights.items() if _qwix_internals.unbox(v) is operand), None)
     else:
@@ -527,9 +531,10 @@ def _is_stored_weight(operand: Any, param: Any) -> bool:
     """Whether a matmul's weight operand is ``param`` itself, possibly cast to another dtype.
 
     Qwix matches an operand to a weight by identity, through unary operations
-    or, failing both, by shape alone; so a transposed square kernel, a flipped
-    one (``nnx.ConvTranspose``) or a masked one (``nnx.Conv(mask=...)``) gets an
-    adapter too, whose update then applies to the transform. The sample call
+    or, failing both, by shape alone; so a flipped kernel (``nnx.ConvTranspose``)
+    or a masked one (``nnx.Conv(mask=...)``) gets an adapter too, whose update
+    then applies to the transform. (A transposed weight reaches the product as
+    itself: ``_transposed``.) The sample call
     runs eagerly, so the values can be compared; under tracing (a model that
     jits or scans inside ``__call__``) they cannot, and Qwix's match is trusted.
     """

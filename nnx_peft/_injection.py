@@ -440,13 +440,13 @@ def _check_next_call(
     """Refuses a model whose next call would meet a targeted weight the wrap could not follow.
 
     The sample call runs eagerly, where a matmul's operand is matched to a
-    weight by identity or shape only; a weight reshaped to another shape (or
-    a non-square weight transposed) is then not recognised and gets no
-    adapter. A traced call finds it through that operation, so the next
-    call, traced here (``jax.eval_shape``: nothing computed), tells. With
-    QLoRA (``quantized``) the sample call also quantized the weights at their
-    matmuls, and a transform a quantized weight does not support fails here
-    too. A model that cannot be traced as a whole (a router on concrete
+    weight by identity, value or shape, and through transposes
+    (``_transposed``); a weight reshaped to another shape is then not
+    recognised and gets no adapter. A traced call finds it through that
+    operation, so the next call, traced here (``jax.eval_shape``: nothing
+    computed), tells. With QLoRA (``quantized``) the sample call also
+    quantized the weights at their matmuls, and a transform a quantized weight
+    does not support fails here too. A model that cannot be traced as a whole (a router on concrete
     values) is left to its eager calls.
 
     Raises:
@@ -484,19 +484,20 @@ def _refuse_transform(err: Exception, quantized: bool) -> NoReturn:
         raise UnsupportedLayerError(
             f"Module {path!r} is targeted and multiplies by a transform of its weight that the "
             f"wrap cannot follow: {line!r}. The sample call matches a matmul's operand to a "
-            "weight as stored (possibly cast, or reshaped to its own shape); a weight reshaped "
-            "to another shape, or a non-square weight transposed, gets no adapter, so the call "
-            "would run without one. Multiply by the weight as stored (jnp.einsum can name its "
-            "axes instead of a reshape or transpose), or exclude the module with "
+            "weight as stored, cast, transposed (.T, jnp.transpose, swapaxes, moveaxis) or "
+            "reshaped to its own shape; a weight reshaped to another shape gets no adapter, so "
+            "the call would run without one. Multiply by the weight as stored (jnp.einsum can "
+            "name its axes instead of a reshape), or exclude the module with "
             "LoraConfig.exclude."
         ) from err
     raise QuantizationError(
         f"Module {path!r} transforms its QLoRA weight before the matmul in a way a "
         f"quantized weight does not support: {line!r} failed with {type(err).__name__}: "
-        f"{err}. Casts (jnp.astype, jnp.asarray, .astype) and reshapes to the same shape "
-        "are followed; transposes and reshapes to another shape are not. Multiply by the "
-        "weight as stored (e.g. with jnp.einsum naming its axes), exclude the module with "
-        "LoraConfig.exclude, or use weight_qtype=None."
+        f"{str(err).rstrip('.')}. Casts (jnp.astype, jnp.asarray, .astype), transposes (.T, "
+        "jnp.transpose, swapaxes, moveaxis) and reshapes to the same shape are followed; "
+        "reshapes to another shape and other operations on the weight are not. Multiply by "
+        "the weight as stored (e.g. with jnp.einsum naming its axes), exclude the module "
+        "with LoraConfig.exclude, or use weight_qtype=None."
     ) from err
 
 

@@ -31,9 +31,10 @@ class LoraLayout:
         feature_group_count: ``feature_group_count`` of the convolution.
         batch_group_count: ``batch_group_count`` of the convolution.
         operand_is_weight: Whether the matmul's operand was the stored weight
-            itself (possibly cast). ``False`` when the module transformed it
-            first (transposed, flipped, masked): the update then applies to
-            that transform, and cannot be folded into the stored weight.
+            itself (possibly cast or transposed, see ``_transposed``). ``False``
+            when the module transformed it otherwise first (flipped, masked):
+            the update then applies to that transform, and cannot be folded
+            into the stored weight.
         update: How the update enters the output (``_variants.LORA`` or ``DORA``).
         subscripts: The weight and its factors as einsum subscripts, for the
             variants' maths (``_factors``).

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from nnx_peft import _qwix_internals
-from nnx_peft._quantized import QuantizedWeight
+from nnx_peft._quantized import QuantizedTranspose, QuantizedWeight
 
 Dims = jax.lax.DotDimensionNumbers
 
@@ -29,7 +29,9 @@ def as_operand(x: Any) -> Any:
     convert = getattr(x, "__jax_array__", None)
     if convert is not None:
         x = convert()
-    if isinstance(x, jax.Array | QuantizedWeight | np.ndarray | int | float | complex):
+    if isinstance(
+        x, jax.Array | QuantizedWeight | QuantizedTranspose | np.ndarray | int | float | complex
+    ):
         return x
     return None
 

@@ -9,6 +9,7 @@ whichever it is.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,6 +34,39 @@ def cast_quantized(weight: Any, dtype: Any) -> Any:
     """
     array = jax.tree.map(_qwix_internals.unbox, weight.array, is_leaf=_is_variable)
     return weight.replace(array=array.astype(dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedTranspose:
+    """A QLoRA weight transposed (``jnp.transpose(weight, perm)``), as an adapted call
+    follows it (``_transposed``): its matmul runs on the stored quantized weight.
+
+    Only its shape, dtype and casts are offered; anything else on it fails, and
+    the wrap refuses the model.
+
+    Attributes:
+        weight: The quantized weight as stored (or cast).
+        perm: Axis ``i`` of the transpose is axis ``perm[i]`` of ``weight``.
+    """
+
+    weight: Any  # a QuantizedWeight
+    perm: tuple[int, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape[p] for p in self.perm)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.perm)
+
+    @property
+    def dtype(self) -> Any:
+        return self.weight.dtype
+
+    def astype(self, dtype: Any) -> QuantizedTranspose:
+        """The transpose of the weight cast to ``dtype`` (still quantized)."""
+        return QuantizedTranspose(cast_quantized(self.weight, dtype), self.perm)
 
 
 def astype(x: Any, dtype: Any, *args: Any, **kwargs: Any) -> Any:

@@ -43,6 +43,7 @@ from nnx_peft import (
     _qwix_internals,
     _stacked_adapters,
     _stacks,
+    _transposed,
 )
 from nnx_peft._errors import QuantizationError, UnsupportedLayerError
 from nnx_peft._factors import Subscripts
@@ -62,7 +63,7 @@ from nnx_peft._variants import AdapterPlan, AdapterSpec
 _here = _adapter_ops.module_path
 
 
-class PeftLoraProvider(RawProducts, Lookups, qwix.PtqProvider):
+class PeftLoraProvider(RawProducts, Lookups, _transposed.Transposes, qwix.PtqProvider):
     """A Qwix PTQ provider whose targeted products add a low-rank update.
 
     Args:
@@ -171,6 +172,21 @@ class PeftLoraProvider(RawProducts, Lookups, qwix.PtqProvider):
             return None
         return rule if isinstance(rule, qwix.LoraRule) else None
 
+    def _runs_as_written(self, op_name: str, moved: _transposed.Transposed) -> bool:
+        """Whether the base product on a transposed weight runs as the model wrote it.
+
+        It does (bit for bit the base's) unless the weight is QLoRA's: that product
+        runs quantized, on the weight as stored. An embedding table multiplied
+        transposed (a tied head) is never quantized: lookups need it as it is.
+        """
+        rule = self._targeted_here(op_name)
+        if rule is None or rule.weight_qtype is None:
+            return True
+        if isinstance(moved.weight, QuantizedWeight):
+            return False
+        name = _adapter_ops.find_weight(moved.weight, self._dry_run)
+        return _adapter_ops.multiplies_lookup_table(name, moved.weight, self._dry_run)
+
     def _quantizes_later(self, op_name: str, rhs: Any, how: Callable[..., Any]) -> bool:
         """Whether a QLoRA weight's product in a layer of a stack runs unquantized in the
         sample call, its stack quantized after it (``_stacked_adapters.quantizes_later``)."""
@@ -232,10 +248,11 @@ class PeftLoraProvider(RawProducts, Lookups, qwix.PtqProvider):
         """Qwix's map, plus raw products, casts of a QLoRA weight and embedding lookups."""
         return {
             **super().get_intercept_map(),
-            "jax.numpy.astype": _quantized.astype,
+            "jax.numpy.astype": _transposed.astype,
             _qwix_internals.INTERCEPT_WITH_AUX_ASTYPE: _quantized.cast_quantized,
             **self.raw_product_intercepts(),
             **self.lookup_intercepts(),
+            **self.transpose_intercepts(),
         }
 
     def dot_general(
@@ -248,21 +265,59 @@ class PeftLoraProvider(RawProducts, Lookups, qwix.PtqProvider):
         out_sharding: Any = None,
     ) -> jax.Array:
         """``jax.lax.dot_general`` plus the low-rank update of the weight operand."""
+        moved = _transposed.own_source(rhs)
+        if moved is None or out_sharding is not None:
+            return self._dot_general(
+                lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding
+            )
+        # A transposed weight (``x @ w.T``): the product on the weight as stored.
+        on = _transposed.dot_general_on_source(dimension_numbers, moved.perm, lhs.ndim)
+
+        def as_written() -> jax.Array:  # bit for bit the model's product, axes as on the weight
+            numbers, types = dimension_numbers, preferred_element_type
+            return on.unrestore(jax.lax.dot_general(lhs, rhs, numbers, precision, types))
+
+        res = self._dot_general(
+            lhs,
+            moved.weight,
+            on.dimension_numbers,
+            precision,
+            preferred_element_type,
+            base_product=as_written if self._runs_as_written("dot_general", moved) else None,
+        )
+        return on.restore(res)
+
+    def _dot_general(
+        self,
+        lhs: jax.Array,
+        rhs: Any,
+        dimension_numbers: jax.lax.DotDimensionNumbers,
+        precision: jax.lax.PrecisionLike = None,
+        preferred_element_type: jax.typing.DTypeLike | None = None,
+        out_sharding: Any = None,
+        *,
+        base_product: Callable[[], jax.Array] | None = None,
+    ) -> jax.Array:
+        """``dot_general``, with the base product from ``base_product()`` if given."""
         how = functools.partial(
             _qwix_internals.dot_general_how_to_quantize,
             dimension_numbers=dimension_numbers,
             ndims=(lhs.ndim, rhs.ndim),
         )
-        self._check_tiling("dot_general", rhs, how)
-        product = jax.lax.dot_general if self._quantizes_later("dot_general", rhs, how) else None
-        res = (product or super().dot_general)(
-            lhs,
-            rhs,
-            dimension_numbers,
-            precision,
-            preferred_element_type,
-            out_sharding=out_sharding,
-        )
+        if base_product is not None:  # not quantized
+            current_rule(self, "dot_general")  # counts the call, as Qwix's own product would
+            res = base_product()
+        else:
+            self._check_tiling("dot_general", rhs, how)
+            later = self._quantizes_later("dot_general", rhs, how)
+            res = (jax.lax.dot_general if later else super().dot_general)(
+                lhs,
+                rhs,
+                dimension_numbers,
+                precision,
+                preferred_element_type,
+                out_sharding=out_sharding,
+            )
         self.mark_tied_elsewhere(rhs)
         rule = self._rule("dot_general")
         weight_name = _adapter_ops.find_weight(rhs, self._dry_run) if rule else None
@@ -291,8 +346,29 @@ class PeftLoraProvider(RawProducts, Lookups, qwix.PtqProvider):
 
     def einsum(self, einsum_str: str, *operands: Any, **kwargs: Any) -> jax.Array:
         """``jnp.einsum`` plus the low-rank update of the weight operand."""
+        moved = _transposed.own_source(operands[-1]) if len(operands) == 2 else None
+        on_source = _transposed.einsum_on_source(einsum_str, moved.perm) if moved else None
+        if moved is None or on_source is None:
+            return self._einsum(einsum_str, *operands, **kwargs)
+        # A transposed weight: the product on the weight as stored.
+
+        def as_written() -> jax.Array:  # bit for bit the model's product
+            return jax.numpy.einsum(einsum_str, *operands, **kwargs)
+
+        base_product = as_written if self._runs_as_written("einsum", moved) else None
+        lhs = operands[0]
+        return self._einsum(on_source, lhs, moved.weight, base_product=base_product, **kwargs)
+
+    def _einsum(
+        self,
+        einsum_str: str,
+        *operands: Any,
+        base_product: Callable[[], jax.Array] | None = None,
+        **kwargs: Any,
+    ) -> jax.Array:
+        """``einsum``, with the base product from ``base_product()`` if given."""
         later = False
-        if len(operands) == 2:
+        if len(operands) == 2 and base_product is None:
             lhs, rhs = operands
             how = functools.partial(
                 _qwix_internals.einsum_how_to_quantize,
@@ -301,7 +377,11 @@ class PeftLoraProvider(RawProducts, Lookups, qwix.PtqProvider):
             )
             self._check_tiling("einsum", rhs, how)
             later = self._quantizes_later("einsum", rhs, how)
-        res = (jax.numpy.einsum if later else super().einsum)(einsum_str, *operands, **kwargs)
+        if base_product is not None:
+            current_rule(self, "einsum")  # counts the call, as Qwix's own product would
+            res = base_product()
+        else:
+            res = (jax.numpy.einsum if later else super().einsum)(einsum_str, *operands, **kwargs)
         if len(operands) == 2:
             self.mark_tied_elsewhere(operands[1])
         rule = self._rule("einsum")

@@ -68,6 +68,46 @@ INTERCEPT_OPERATOR_MATMUL = f"{_ARRAY_METHODS}._operator_matmul"
 INTERCEPT_OPERATOR_RMATMUL = f"{_ARRAY_METHODS}._operator_rmatmul"
 INTERCEPT_WITH_AUX_ASTYPE = "qwix._src.providers.ptq.WithAux.astype"
 INTERCEPT_VARIABLE_GETITEM = "flax.nnx.variablelib.Variable.__getitem__"
+#: ``jnp.swapaxes`` is jitted; ``.swapaxes()`` calls this alias of it.
+INTERCEPT_LAX_NUMPY_SWAPAXES = "jax._src.numpy.lax_numpy.swapaxes"
+
+# --- Auxiliary data on arrays (qwix._src.aux_data) ----------------------------------------
+#: Data attached to an array or tracer (which take no attributes), dropped with the object.
+aux_data_set = _private("qwix._src.aux_data", "set")
+aux_data_get = _private("qwix._src.aux_data", "get")
+
+#: The names :func:`add_with_aux_methods` gives ``WithAux`` (``tests/test_qwix_bridge.py``
+#: checks that Qwix does not define them itself).
+WITH_AUX_ARRAY_METHODS = ("T", "mT", "transpose", "swapaxes")
+
+
+def add_with_aux_methods(methods: dict[str, Any]) -> None:
+    """Gives Qwix's ``WithAux`` (a QLoRA weight) the array methods ``methods`` it lacks.
+
+    Model code calls ``w.T`` on a weight, which for QLoRA is a ``WithAux``; see
+    ``_transposed``. Only names in :data:`WITH_AUX_ARRAY_METHODS` that ``WithAux``
+    does not have are set.
+    """
+    for name, method in methods.items():
+        if name not in WITH_AUX_ARRAY_METHODS:
+            raise AssertionError(f"{name!r} is not listed in WITH_AUX_ARRAY_METHODS")
+        if not hasattr(WithAux, name):
+            setattr(WithAux, name, method)
+
+
+def unary_sources(x: Any) -> Any:
+    """``x`` and, under tracing, each array it was computed from by one unary operation.
+
+    JAX's private ``Tracer.parent`` (its ``in_tracers``), walked as Qwix's
+    ``find_param`` does; a JAX without it yields ``x`` only.
+    """
+    while True:
+        yield x
+        parent = getattr(x, "parent", None)
+        inputs: Any = getattr(parent, "in_tracers", ()) if parent is not None else ()
+        if len(inputs) != 1:
+            return
+        x = inputs[0]
 
 
 def current_rule(provider: Any, op_name: str, **kwargs: Any) -> tuple[Any, Any]:
@@ -120,4 +160,6 @@ CALLABLES = (
     ("qwix._src.core.einsum_info", "EinsumInfo", None),
     (_ARRAY_METHODS, "_operator_matmul", ("self", "other")),
     (_ARRAY_METHODS, "_operator_rmatmul", ("self", "other")),
+    ("qwix._src.aux_data", "set", ("obj", "key", "value")),
+    ("qwix._src.aux_data", "get", ("obj", "key", "default")),
 )

@@ -15,9 +15,12 @@ from typing import Any
 import jax
 import qwix
 
-from nnx_peft import _adapter_ops, _products, _qwix_internals
+from nnx_peft import _adapter_ops, _products, _qwix_internals, _transposed
 from nnx_peft._errors import UnsupportedLayerError
-from nnx_peft._quantized import QuantizedWeight
+from nnx_peft._quantized import QuantizedTranspose, QuantizedWeight
+
+#: A QLoRA weight, or one transposed: operands that are no array until their product.
+_QUANTIZED = (QuantizedWeight, QuantizedTranspose)
 
 _here = _adapter_ops.module_path
 
@@ -55,11 +58,17 @@ class RawProducts:
         on a targeted module's own weight: a weight on the left, or a matmul
         broadcasting a weight's batch axes.
         """
-        a = a if isinstance(a, QuantizedWeight) else jax.numpy.asarray(a)
-        b = b if isinstance(b, QuantizedWeight) else jax.numpy.asarray(b)
+        a = a if isinstance(a, _QUANTIZED) else jax.numpy.asarray(a)
+        b = b if isinstance(b, _QUANTIZED) else jax.numpy.asarray(b)
         targeted = self._targeted_here() is not None
-        weight_right = targeted and _adapter_ops.find_weight(b, self._dry_run) is not None
-        if targeted and not weight_right and _adapter_ops.find_weight(a, self._dry_run):
+        transposed = _transposed.own_source(b) is not None
+        weight_right = targeted and (
+            transposed or _adapter_ops.find_weight(b, self._dry_run) is not None
+        )
+        weight_left = _transposed.own_source(a) is not None or _adapter_ops.find_weight(
+            a, self._dry_run
+        )
+        if targeted and not weight_right and weight_left:
             raise UnsupportedLayerError(
                 f"Module {_here()!r} is targeted and multiplies its own weight from the left "
                 f"({name}(weight, x)); adapters need the weight as the right operand. Write "
@@ -75,10 +84,11 @@ class RawProducts:
                     "jnp.einsum, or exclude the module with LoraConfig.exclude."
                 )
             return original()
-        if not isinstance(a, QuantizedWeight) and not isinstance(b, QuantizedWeight):
+        if not isinstance(a, _QUANTIZED) and not isinstance(b, _QUANTIZED):
             dtype = jax.numpy.result_type(a, b)
             a = a if a.dtype == dtype else a.astype(dtype)
-            b = b if b.dtype == dtype else b.astype(dtype)
+            if b.dtype != dtype:  # a transposed weight stays known as one
+                b = _transposed.cast(b, dtype) if transposed else b.astype(dtype)
         return self.dot_general(a, b, dims, **kwargs)
 
     def matmul(self, a: Any, b: Any, **kwargs: Any) -> jax.Array:

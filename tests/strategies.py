@@ -371,6 +371,102 @@ def raw_matmul_nets(draw: st.DrawFn) -> tuple[tuple[str, ...], int]:
     return ops, draw(st.sampled_from([3, 4, 6]))
 
 
+#: How :class:`TransposedWeightNet` transposes each weight it stores as PyTorch does
+#: (``(out, in)``, or ``(heads, head_dim, in)`` for ``'einsum-heads'``) before its product.
+TRANSPOSED_PRODUCTS = (
+    "@ .T",  # x @ w.T, on the Variable
+    "@ [...].T",
+    "jnp.transpose",
+    ".transpose()",
+    ".mT",
+    "jnp.swapaxes",
+    ".swapaxes()",
+    "jnp.moveaxis",
+    "jnp.permute_dims",
+    "dot_general .T",
+    "einsum .T",
+    "einsum-heads",
+)
+
+
+class TransposedWeightNet(nnx.Module):
+    """A model ported from PyTorch: each weight stored ``(out, in)``, multiplied transposed.
+
+    ``widths`` are the features between layers; ``'einsum-heads'`` stores
+    ``(2, out // 2, in)`` and contracts it transposed to ``(in, 2, out // 2)``.
+    ``direct=True`` is its twin that multiplies each weight as stored, with an einsum.
+    """
+
+    def __init__(
+        self,
+        ops: tuple[str, ...],
+        widths: tuple[int, ...],
+        *,
+        direct: bool = False,
+        rngs: nnx.Rngs,
+    ) -> None:
+        self.ops, self.direct = ops, direct
+        for i, op in enumerate(ops):
+            d_in, d_out = widths[i], widths[i + 1]
+            shape = (2, d_out // 2, d_in) if op == "einsum-heads" else (d_out, d_in)
+            weight = jax.random.normal(rngs.params(), shape) / d_in**0.5
+            setattr(self, f"w{i}", nnx.Param(weight))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i, op in enumerate(self.ops):
+            w = getattr(self, f"w{i}")
+            x = jnp.tanh(
+                _stored_product(op, x, w) if self.direct else _transposed_product(op, x, w)
+            )
+        return x
+
+
+def _stored_product(op: str, x: jax.Array, w: nnx.Param[jax.Array]) -> jax.Array:
+    """The product of ``op`` written on the weight as stored (the ``direct`` twin)."""
+    if op == "einsum-heads":
+        return jnp.einsum("bi,hdi->bhd", x, w[...]).reshape(x.shape[0], -1)
+    return jnp.einsum("bi,oi->bo", x, w[...])
+
+
+def _transposed_product(op: str, x: jax.Array, w: nnx.Param[jax.Array]) -> jax.Array:
+    if op == "@ .T":
+        return x @ w.T
+    if op == "@ [...].T":
+        return x @ w[...].T
+    if op == "jnp.transpose":
+        return x @ jnp.transpose(w[...])
+    if op == ".transpose()":
+        return x @ w[...].transpose()
+    if op == ".mT":
+        return x @ w[...].mT
+    if op == "jnp.swapaxes":
+        return x @ jnp.swapaxes(w[...], 0, 1)
+    if op == ".swapaxes()":
+        return x @ w[...].swapaxes(0, 1)
+    if op == "jnp.moveaxis":
+        return x @ jnp.moveaxis(w[...], 0, -1)
+    if op == "jnp.permute_dims":
+        return x @ jnp.permute_dims(w[...], (1, 0))
+    if op == "dot_general .T":
+        return jax.lax.dot_general(x, w[...].T, (((1,), (0,)), ((), ())))
+    if op == "einsum .T":
+        return jnp.einsum("bi,io->bo", x, w[...].T)
+    if op == "einsum-heads":
+        heads = jnp.einsum("bi,ihd->bhd", x, jnp.transpose(w[...], (2, 0, 1)))
+        return heads.reshape(x.shape[0], -1)
+    raise AssertionError(op)
+
+
+@st.composite
+def transposed_weight_nets(draw: st.DrawFn) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """``(ops, widths)`` of a :class:`TransposedWeightNet`: non-square weights mostly."""
+    ops = tuple(draw(st.lists(st.sampled_from(TRANSPOSED_PRODUCTS), min_size=1, max_size=4)))
+    widths = tuple(
+        draw(st.lists(st.sampled_from([2, 4, 6]), min_size=len(ops) + 1, max_size=len(ops) + 1))
+    )
+    return ops, widths
+
+
 # --- Embedding tables ---------------------------------------------------------------------
 
 

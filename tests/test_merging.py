@@ -94,13 +94,15 @@ class DotGeneralOp(nnx.Module):
 
 
 class TransposedWeight(nnx.Module):
-    """Multiplies by the transpose of its own square weight."""
+    """Multiplies by the transpose of its own square weight (``flip``: its rows reversed)."""
 
-    def __init__(self, d: int, *, rngs: nnx.Rngs):
+    def __init__(self, d: int, *, flip: bool = False, rngs: nnx.Rngs):
+        self.flip = flip
         self.w = _weight(rngs, (d, d), d, jnp.float32)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jax.lax.dot_general(x, self.w[...].T, (((1,), (0,)), ((), ())))
+        w = jnp.flip(self.w[...], 0) if self.flip else self.w[...].T
+        return jax.lax.dot_general(x, w, (((1,), (0,)), ((), ())))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -527,15 +529,25 @@ def test_grouped_convolutions_are_refused(layout: Layout) -> None:
         np.testing.assert_array_equal(model(x), base(x))
 
 
+def test_a_transposed_square_weight_merges_exactly() -> None:
+    """Followed through the transpose, its adapter has the stored layout (``_transposed``)."""
+    x = jax.random.normal(jax.random.key(0), (2, 3))
+    base = TransposedWeight(3, rngs=nnx.Rngs(0))
+    model = wrap(base, x)
+    adapted = model(x)
+    assert rel_error(adapted, base(x)) > MIN_EFFECT
+    assert rel_error(model.merge_and_unload()(x), adapted) <= F32_TOLERANCE
+
+
 @pytest.mark.parametrize(
     "base",
     [
-        TransposedWeight(3, rngs=nnx.Rngs(0)),
+        TransposedWeight(3, flip=True, rngs=nnx.Rngs(0)),
         nnx.Conv(
             3, 3, (2,), mask=jnp.array([[[1.0]], [[0.0]]]) * jnp.ones((2, 3, 3)), rngs=nnx.Rngs(0)
         ),
     ],
-    ids=["transposed", "masked"],
+    ids=["flipped", "masked"],
 )
 def test_transformed_weights_are_refused(base: nnx.Module) -> None:
     x = jnp.ones((2, 4, 3)) if isinstance(base, nnx.Conv) else jnp.ones((2, 3))

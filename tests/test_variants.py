@@ -443,8 +443,9 @@ def test_weight_inits_refuse_what_they_cannot_factor() -> None:
         _wrap(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), jnp.ones((1, 3)), rank=3, init="olora")
     assert "needs rank <= 2" in str(info.value) and "rank_pattern" in str(info.value)
 
+    flipped = TransposedWeight(3, flip=True, rngs=nnx.Rngs(0))  # (a transpose is followed)
     with pytest.raises(nnx_peft.UnsupportedLayerError, match="transformed"):
-        _wrap(TransposedWeight(3, rngs=nnx.Rngs(0)), jnp.ones((1, 3)), rank=1, init="pissa")
+        _wrap(flipped, jnp.ones((1, 3)), rank=1, init="pissa")
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
