@@ -43,6 +43,7 @@ from nnx_peft._errors import (
     NotACheckpointError,
     NotAModuleError,
 )
+from nnx_peft._event_loops import finishing_pending_tasks
 from nnx_peft._quantized import QuantizedWeight, weight_values
 
 Path_ = tuple[Any, ...]
@@ -83,10 +84,11 @@ class _Orbax:
         args: Any = ocp.ArrayRestoreArgs(sharding=sharding or _default_sharding())
         for key in reversed(keys):
             item, args = {key: item}, {key: args}
-        restored = self._checkpointer.restore(
-            self.path,
-            args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True),
-        )
+        with finishing_pending_tasks():
+            restored = self._checkpointer.restore(
+                self.path,
+                args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True),
+            )
         for key in keys:
             restored = restored[key]
         return restored

@@ -75,6 +75,7 @@ from nnx_peft._errors import (
     TargetNotFoundError,
     UnsupportedLayerError,
 )
+from nnx_peft._event_loops import finishing_pending_tasks
 
 try:
     import fcntl
@@ -165,9 +166,10 @@ def read_description(manager: ocp.AbstractCheckpointManager, step: int, where: s
         CorruptCheckpointError: The description cannot be read or parsed.
     """
     try:
-        restored = manager.restore(
-            step, args=ocp.args.Composite(description=ocp.args.JsonRestore())
-        )
+        with finishing_pending_tasks():
+            restored = manager.restore(
+                step, args=ocp.args.Composite(description=ocp.args.JsonRestore())
+            )
     except KeyError as err:
         raise NotACheckpointError(
             f"{where} is an Orbax checkpoint but not an nnx_peft one: it has no "
@@ -206,7 +208,8 @@ def _restore(
         if a
     }
     try:
-        restored = manager.restore(step, args=ocp.args.Composite(**args))
+        with finishing_pending_tasks():
+            restored = manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as err:
         raise CorruptCheckpointError(
             f"The arrays of {where} cannot be read ({type(err).__name__}: {err}). Its files are "
@@ -330,8 +333,9 @@ def save_adapter(model: Adapted, path: epath.PathLike, *, overwrite: bool) -> No
             )
         arrays = {item: values(v) for item, v in _adapter_variables(model).items()}
         description = describe(model, arrays)
-        with _writer(directory) as manager:
-            manager.save(0 if latest is None else latest + 1, args=_save_args(description, arrays))
+        with finishing_pending_tasks(), _writer(directory) as manager:
+            step = 0 if latest is None else latest + 1
+            manager.save(step, args=_save_args(description, arrays))
 
 
 @contextlib.contextmanager
@@ -530,7 +534,8 @@ def save_training_checkpoint(
     if not manager.should_save(step):
         return False
     arrays = {item: values(v) for item, v in _training_variables(model, optimizer).items()}
-    return manager.save(step, args=_save_args(describe(model, arrays), arrays))
+    with finishing_pending_tasks():
+        return manager.save(step, args=_save_args(describe(model, arrays), arrays))
 
 
 def restore_training_checkpoint(

@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -549,6 +550,36 @@ def test_bad_checkpoint_is_refused_and_model_unchanged(
         model.load_adapter(path)
     assert isinstance(info.value, nnx_peft.PeftError) and isinstance(info.value, ValueError)
     assert snapshot(model) == before
+
+
+def test_a_failed_read_leaves_no_read_waking_a_closed_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Orbax closes its event loop when one read fails, the others still running; each of
+    those then woke the closed loop ("Event loop is closed", printed as an exception
+    ignored in a TensorStore thread) after the load had raised. Many arrays make the
+    failing read's siblings certain to be in flight."""
+    config = nnx_peft.LoraConfig(rank=8, alpha=8.0, target=".*")
+
+    def wide_wrapper(seed: int) -> nnx_peft.PeftModel:
+        base = nnx.List([nnx.Linear(64, 64, rngs=nnx.Rngs(i)) for i in range(8)])
+        model = nnx.Sequential(*base)
+        return nnx_peft.PeftModel(model, config, jnp.ones((1, 64)), rngs=nnx.Rngs(seed))
+
+    ignored: list[BaseException | None] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: ignored.append(u.exc_value))
+    for attempt in range(3):
+        path = tmp_path / str(attempt)
+        wide_wrapper(1).save_adapter(path)
+        for data in (path / "0" / "adapter").rglob("d/*"):
+            data.write_bytes(data.read_bytes()[:10])
+        model = wide_wrapper(2)
+        before = snapshot(model)
+        with pytest.raises(nnx_peft.CorruptCheckpointError, match=r"arrays of .* cannot be read"):
+            model.load_adapter(path)
+        assert snapshot(model) == before
+    time.sleep(1.0)  # a straggling read, if any, reports within milliseconds
+    assert ignored == []
 
 
 def test_flipped_data_byte_is_caught_by_checksum(tmp_path: Path) -> None:
