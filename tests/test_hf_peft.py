@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 
 import nnx_peft
 from nnx_peft import _hf_config
+from nnx_peft._adapter import adapters
 from nnx_peft.toy import DecoderConfig, TinyDecoder
 from tests import strategies
 
@@ -928,3 +929,26 @@ def test_from_hf_maps_modules_to_save_with_peft_name_semantics() -> None:
         for p, v in nnx.to_flat_state(nnx.state(model.model, nnx_peft.SavedParam))
     }
     assert saved == {"lm_head/kernel"}
+
+
+def test_peft_fixture_serves_next_to_another_adapter_in_one_batch(llama: Any) -> None:
+    """Named adapters on a model written elsewhere: PEFT's adapter and a second one, each
+    example of one batch with its own, each row as that adapter alone gives it."""
+    _, args, reference = llama
+    model = _from_fixture(llama)
+    model.add_adapter("other", model.peft_config["default"], rngs=nnx.Rngs(5))
+    for i, adapter in enumerate(adapters(model.model, {"other"})):  # B = 0: give it an effect
+        b = adapter.b.get_value()
+        adapter.b.set_value(0.05 * jax.random.normal(jax.random.key(i), b.shape, b.dtype))
+    ids = jnp.asarray([0, 1])  # example 0: PEFT's adapter; example 1: the other
+    logits, _ = model(*args, adapter_ids=ids)
+    np.testing.assert_allclose(np.asarray(logits)[0], reference["adapter_logits"][0], atol=1e-4)
+    model.set_adapter("other")
+    alone = _logits(model, args)
+    np.testing.assert_allclose(np.asarray(logits)[1], alone[1], rtol=1e-5, atol=1e-5)
+    assert np.abs(alone[1] - reference["adapter_logits"][1]).max() > 1e-2
+    # A weighted combination of PEFT's adapter alone, with weight 1, is that adapter.
+    errors = model.add_weighted_adapter(["default"], [1.0], "again", combination_type="cat")
+    assert max(errors.values()) < 1e-6
+    model.set_adapter("again")
+    np.testing.assert_allclose(_logits(model, args), reference["adapter_logits"], atol=1e-4)
