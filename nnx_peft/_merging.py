@@ -174,7 +174,7 @@ def check_mergeable(adapter: Adapter) -> None:
     if not layout.operand_is_weight:
         raise UnmergeableAdapterError(
             f"{where} was created for a transformed copy of the weight (the module "
-            "transposes, flips or masks it before its matmul), so its update has no exact form "
+            "flips or masks it before its matmul), so its update has no exact form "
             f"as a change of the stored {weight!r}; a weight used as is was expected. Keep this "
             "model unmerged, or exclude the module with LoraConfig.exclude before training."
         )

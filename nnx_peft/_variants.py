@@ -280,8 +280,9 @@ def check_supported(
         spec: The module's spec.
         groups: The convolution's feature and batch group counts (``(1, 1)``
             for any other layout).
-        transformed: Whether the module transforms (transposes, flips, masks)
-            the weight before its matmul; called only when it matters.
+        transformed: Whether the module transforms (flips, masks) the weight
+            before its matmul; called only when it matters (a transpose is
+            followed to the weight, see ``_transposed``).
         where: The weight and its module, for the message.
 
     Raises:
@@ -303,7 +304,7 @@ def check_supported(
             f"{groups[1]}), whose update is no change of its kernel"
         )
     elif spec.init.replaces_weight and transformed():
-        problem = "transformed (transposed, flipped or masked) by its module before the matmul"
+        problem = "transformed (flipped or masked) by its module before the matmul"
     else:
         return
     raise UnsupportedLayerError(
