@@ -446,8 +446,8 @@ def _check_next_call(
     operation, so the next call, traced here (``jax.eval_shape``: nothing
     computed), tells. With QLoRA (``quantized``) the sample call also
     quantized the weights at their matmuls, and a transform a quantized weight
-    does not support fails here too. A model that cannot be traced as a whole (a router on concrete
-    values) is left to its eager calls.
+    does not support fails here too. A model that cannot be traced as a whole
+    (a router on concrete values) is left to its eager calls.
 
     Raises:
         UnsupportedLayerError, QuantizationError: Naming the module and the

@@ -263,51 +263,41 @@ class PeftLoraProvider(RawProducts, Lookups, _transposed.Transposes, qwix.PtqPro
         precision: jax.lax.PrecisionLike = None,
         preferred_element_type: jax.typing.DTypeLike | None = None,
         out_sharding: Any = None,
-    ) -> jax.Array:
-        """``jax.lax.dot_general`` plus the low-rank update of the weight operand."""
-        moved = _transposed.own_source(rhs)
-        if moved is None or out_sharding is not None:
-            return self._dot_general(
-                lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding
-            )
-        # A transposed weight (``x @ w.T``): the product on the weight as stored.
-        on = _transposed.dot_general_on_source(dimension_numbers, moved.perm, lhs.ndim)
-
-        def as_written() -> jax.Array:  # bit for bit the model's product, axes as on the weight
-            numbers, types = dimension_numbers, preferred_element_type
-            return on.unrestore(jax.lax.dot_general(lhs, rhs, numbers, precision, types))
-
-        res = self._dot_general(
-            lhs,
-            moved.weight,
-            on.dimension_numbers,
-            precision,
-            preferred_element_type,
-            base_product=as_written if self._runs_as_written("dot_general", moved) else None,
-        )
-        return on.restore(res)
-
-    def _dot_general(
-        self,
-        lhs: jax.Array,
-        rhs: Any,
-        dimension_numbers: jax.lax.DotDimensionNumbers,
-        precision: jax.lax.PrecisionLike = None,
-        preferred_element_type: jax.typing.DTypeLike | None = None,
-        out_sharding: Any = None,
         *,
         base_product: Callable[[], jax.Array] | None = None,
     ) -> jax.Array:
-        """``dot_general``, with the base product from ``base_product()`` if given."""
-        how = functools.partial(
-            _qwix_internals.dot_general_how_to_quantize,
-            dimension_numbers=dimension_numbers,
-            ndims=(lhs.ndim, rhs.ndim),
-        )
+        """``jax.lax.dot_general`` plus the low-rank update of the weight operand.
+
+        ``base_product`` (nnx_peft's own calls only): the unquantized base product,
+        computed otherwise, as a transposed weight's is below.
+        """
+        moved = _transposed.own_source(rhs)
+        if moved is not None and out_sharding is None:
+            # A transposed weight (``x @ w.T``): the product on the weight as stored.
+            on = _transposed.dot_general_on_source(dimension_numbers, moved.perm, lhs.ndim)
+
+            def as_written() -> jax.Array:  # bit for bit the model's product, on w's axes
+                numbers, types = dimension_numbers, preferred_element_type
+                return on.unrestore(jax.lax.dot_general(lhs, rhs, numbers, precision, types))
+
+            res = self.dot_general(  # the source is no transpose: this does not recurse again
+                lhs,
+                moved.weight,
+                on.dimension_numbers,
+                precision,
+                preferred_element_type,
+                base_product=as_written if self._runs_as_written("dot_general", moved) else None,
+            )
+            return on.restore(res)
         if base_product is not None:  # not quantized
             current_rule(self, "dot_general")  # counts the call, as Qwix's own product would
             res = base_product()
         else:
+            how = functools.partial(
+                _qwix_internals.dot_general_how_to_quantize,
+                dimension_numbers=dimension_numbers,
+                ndims=(lhs.ndim, rhs.ndim),
+            )
             self._check_tiling("dot_general", rhs, how)
             later = self._quantizes_later("dot_general", rhs, how)
             res = (jax.lax.dot_general if later else super().dot_general)(
@@ -344,29 +334,29 @@ class PeftLoraProvider(RawProducts, Lookups, _transposed.Transposes, qwix.PtqPro
         template = _factors.dot_general_output(sub, res.ndim)
         return _adapter_ops.add_update(res, weight_name, rule, lhs, rhs, adapter, update, template)
 
-    def einsum(self, einsum_str: str, *operands: Any, **kwargs: Any) -> jax.Array:
-        """``jnp.einsum`` plus the low-rank update of the weight operand."""
-        moved = _transposed.own_source(operands[-1]) if len(operands) == 2 else None
-        on_source = _transposed.einsum_on_source(einsum_str, moved.perm) if moved else None
-        if moved is None or on_source is None:
-            return self._einsum(einsum_str, *operands, **kwargs)
-        # A transposed weight: the product on the weight as stored.
-
-        def as_written() -> jax.Array:  # bit for bit the model's product
-            return jax.numpy.einsum(einsum_str, *operands, **kwargs)
-
-        base_product = as_written if self._runs_as_written("einsum", moved) else None
-        lhs = operands[0]
-        return self._einsum(on_source, lhs, moved.weight, base_product=base_product, **kwargs)
-
-    def _einsum(
+    def einsum(
         self,
         einsum_str: str,
         *operands: Any,
         base_product: Callable[[], jax.Array] | None = None,
         **kwargs: Any,
     ) -> jax.Array:
-        """``einsum``, with the base product from ``base_product()`` if given."""
+        """``jnp.einsum`` plus the low-rank update of the weight operand.
+
+        ``base_product`` (nnx_peft's own calls only): the unquantized base product,
+        computed otherwise, as a transposed weight's is below.
+        """
+        moved = _transposed.own_source(operands[-1]) if len(operands) == 2 else None
+        on_source = _transposed.einsum_on_source(einsum_str, moved.perm) if moved else None
+        if moved is not None and on_source is not None:
+            # A transposed weight: the product on the weight as stored.
+
+            def as_written() -> jax.Array:  # bit for bit the model's product
+                return jax.numpy.einsum(einsum_str, *operands, **kwargs)
+
+            written = as_written if self._runs_as_written("einsum", moved) else None
+            lhs = operands[0]  # the source is no transpose: this does not recurse again
+            return self.einsum(on_source, lhs, moved.weight, base_product=written, **kwargs)
         later = False
         if len(operands) == 2 and base_product is None:
             lhs, rhs = operands

@@ -65,10 +65,15 @@ class RawProducts:
         weight_right = targeted and (
             transposed or _adapter_ops.find_weight(b, self._dry_run) is not None
         )
-        weight_left = _transposed.own_source(a) is not None or _adapter_ops.find_weight(
-            a, self._dry_run
+        weight_left = (  # looked up only where it matters
+            targeted
+            and not weight_right
+            and (
+                _transposed.own_source(a) is not None
+                or _adapter_ops.find_weight(a, self._dry_run) is not None
+            )
         )
-        if targeted and not weight_right and weight_left:
+        if weight_left:
             raise UnsupportedLayerError(
                 f"Module {_here()!r} is targeted and multiplies its own weight from the left "
                 f"({name}(weight, x)); adapters need the weight as the right operand. Write "
